@@ -1,0 +1,45 @@
+"""Phase-aware metrics: torchtitan's MetricsProcessor, extended.
+
+torchtitan computes tokens/s, TFLOPs and MFU from the number of *label* tokens,
+which reads s times too high in the superposition phase. The TST trainer therefore
+feeds ``ntokens_since_last_log`` with model positions (B x L per microbatch), which
+keeps torchtitan's ``throughput(tps)``, ``tflops`` and ``mfu(%)`` right in both
+phases, and counts data tokens separately. Added TensorBoard scalars:
+
+- ``throughput/data_tokens_per_s``, ``throughput/positions_per_s`` (per device)
+- ``tst/phase`` (1 superposition, 2 next-token), ``tst/bag_size`` (s, then 1)
+- ``loss_metrics/superposition_mce`` or ``loss_metrics/next_token_ce``: the step's
+  loss under the tag of its phase; ``tst/slot_ce/j``: phase-1 CE of slot j
+- ``n_tokens_seen``: data tokens (torchtitan's own tag, now counting inputs)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from torchtitan.components.metrics import MetricsProcessor
+
+
+class TSTMetricsProcessor(MetricsProcessor):
+    def __init__(self, job_config, parallel_dims, tag: str | None = None):
+        super().__init__(job_config, parallel_dims, tag)
+        self.data_tokens_since_last_log = 0
+        # Set by the trainer: (step, global_avg_loss) -> extra scalars of that step.
+        self.tst_metrics_fn: Callable[[int, float], dict[str, Any]] | None = None
+
+    def log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
+        extra = dict(extra_metrics or {})
+        elapsed = time.perf_counter() - self.time_last_log
+        per_device = max(elapsed, 1e-9) * self.parallel_dims.non_data_parallel_size
+        extra["throughput/data_tokens_per_s"] = self.data_tokens_since_last_log / per_device
+        extra["throughput/positions_per_s"] = self.ntokens_since_last_log / per_device
+        if self.tst_metrics_fn is not None:
+            extra.update(self.tst_metrics_fn(step, float(global_avg_loss)))
+        super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
+        self.data_tokens_since_last_log = 0
+
+
+def build_tst_metrics_processor(job_config, parallel_dims, model_args=None, tag=None):
+    """TrainSpec ``build_metrics_processor_fn``."""
+    return TSTMetricsProcessor(job_config, parallel_dims, tag)

@@ -1,0 +1,75 @@
+"""Entry point: ``torchrun --nproc_per_node N -m tst_titan.train --job.config_file X.toml``.
+
+It follows torchtitan's own ``torchtitan.train.main`` step by step, with three
+additions: the CPU shims when no CUDA device exists, our ``[tst]``/``[data]`` config
+sections merged without the user passing ``--job.custom_config_module``, and the TST
+trainer. Every torchtitan option and CLI override keeps working. A configuration,
+data or checkpoint-mismatch error ends the run with a one-line message and exit code
+2 before any training step.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tst_titan.device import apply_cpu_shims
+
+apply_cpu_shims()
+
+from torchtitan.config import ConfigManager, JobConfig  # noqa: E402
+from torchtitan.tools.logging import init_logger, logger  # noqa: E402
+
+from tst_titan import config as tst_config  # noqa: E402
+
+
+
+def parse_config(argv: list[str]) -> JobConfig:
+    """torchtitan's TOML + CLI parsing with the ``[tst]`` and ``[data]`` sections."""
+    merged = ConfigManager._merge_configs(JobConfig, tst_config.JobConfig)
+    return ConfigManager(config_cls=merged).parse_args(argv)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from tst_titan.checks import ConfigError
+    from tst_titan.data.loader import CheckpointMismatchError
+    from tst_titan.data.sources import DataError
+
+    return (ConfigError, DataError, CheckpointMismatchError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    from tst_titan.trainer import TSTTrainer
+
+    init_logger()
+    argv = sys.argv[1:] if argv is None else argv
+    trainer = None
+    try:
+        config = parse_config(argv)
+        trainer = TSTTrainer(config)
+        if config.checkpoint.create_seed_checkpoint:
+            assert int(os.environ["WORLD_SIZE"]) == 1, "seed checkpoints need one process"
+            assert config.checkpoint.enable, "seed checkpoints need checkpoint.enable"
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+            logger.info("Created seed checkpoint")
+        else:
+            trainer.train()
+    except _user_errors() as e:
+        if trainer is not None:
+            trainer.close()
+        print(f"tst-titan: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Exception:
+        if trainer is not None:
+            trainer.close()
+        raise
+    trainer.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    logger.info("Process group destroyed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""TSTTrainer: torchtitan's Trainer with the TST phase schedule.
+
+What it adds, each in the hook torchtitan provides for it:
+
+- ``__init__``: config checks before any distributed work; logs the TST plan;
+  installs the LR re-warm-up for ``at_switch = "reset_optimizer"``.
+- ``batch_generator``: counts data tokens (``n_tokens_seen``) and model positions
+  (throughput and MFU) separately.
+- ``train_step``: the switch banner and optional optimizer reset; checks that every
+  batch has the shape of the step's phase; computes the multi-hot normaliser.
+- ``forward_backward_step``: divides by the global valid *weight mass* of the bag
+  labels (the number of positions when nothing is ignored), not by the label count.
+- ``post_dataloading_process``: context-parallel sharding of [B, L, s] bags along L.
+
+The phase itself is decided in one place, :meth:`tst_titan.schedule.TSTPlan.phase`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Iterator
+
+import torch
+from torchtitan.components.dataloader import DataloaderExhaustedError
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.protocols.train_spec import get_train_spec
+from torchtitan.tools.logging import logger
+from torchtitan.train import Trainer
+
+from tst_titan.checks import check_job_config, check_tokenizer_fits
+from tst_titan.data.loader import samples_per_step
+from tst_titan.loss import valid_weight_mass
+from tst_titan.schedule import Phase, plan_from_job_config
+from tst_titan.specs import register_specs
+
+
+class TSTTrainer(Trainer):
+    def __init__(self, job_config):
+        register_specs()
+        spec = get_train_spec(job_config.model.name)
+        check_job_config(job_config, spec)
+        if spec.build_tokenizer_fn is not None:
+            check_tokenizer_fits(
+                spec.build_tokenizer_fn(job_config),
+                spec.model_args[job_config.model.flavor],
+                job_config.model.flavor,
+            )
+        self.tst_plan = plan_from_job_config(job_config)
+        self._valid_mass: float | None = None
+        super().__init__(job_config)
+
+        plan = self.tst_plan
+        dp = self.parallel_dims.get_mesh("batch").size() if self.parallel_dims.dp_enabled else 1
+        logger.info(plan.describe(samples_per_step(job_config, dp), dp))
+        if plan.enabled and plan.at_switch == "reset_optimizer":
+            self._install_lr_rewarmup()
+        if hasattr(self.metrics_processor, "tst_metrics_fn"):
+            self.metrics_processor.tst_metrics_fn = self._tst_metrics
+
+    # -- the switch ------------------------------------------------------------
+    def _install_lr_rewarmup(self) -> None:
+        """Re-run the linear warm-up from the switch, on top of the existing schedule.
+
+        Derived from the step alone, so a resumed run gets the same LRs.
+        """
+        k = self.tst_plan.switch_step
+        warmup = max(1, int(self.job_config.lr_scheduler.warmup_steps))
+        for sched in self.lr_schedulers.schedulers:
+            sched.lr_lambdas = [
+                (lambda step, f=f: f(step) * (min(1.0, (step - k + 1) / warmup) if step >= k else 1.0))
+                for f in sched.lr_lambdas
+            ]
+
+    def _at_switch(self) -> None:
+        plan = self.tst_plan
+        logger.info(
+            "=" * 20 + f" TST switch: step {self.step} starts next-token training "
+            f"(phase 2 of 2) after {plan.switch_step} superposition steps with s={plan.bag_size}; "
+            f"at_switch={plan.at_switch} " + "=" * 20
+        )
+        if plan.at_switch == "reset_optimizer":
+            for opt in self.optimizers.optimizers:
+                opt.state.clear()
+
+    def _check_batch(self, phase: Phase, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        mode = self.tst_plan.mode
+        bag_in = phase == Phase.SUPERPOSITION and mode in ("full", "input_only")
+        bag_out = phase == Phase.SUPERPOSITION and mode in ("full", "output_only")
+        if inputs.dim() != (3 if bag_in else 2) or labels.dim() != (3 if bag_out else 2):
+            raise RuntimeError(
+                f"TST: step {self.step} is phase {int(phase)} but the dataloader served "
+                f"inputs {list(inputs.shape)} and labels {list(labels.shape)}; the "
+                "dataloader state does not match the trainer's step"
+            )
+
+    # -- trainer hooks -----------------------------------------------------------
+    def batch_generator(
+        self, data_iterable: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        data_iterator = iter(data_iterable)
+        mp = self.metrics_processor
+        while True:
+            t0 = time.perf_counter()
+            try:
+                input_dict, labels = next(data_iterator)
+            except StopIteration as ex:
+                raise DataloaderExhaustedError() from ex
+            inputs = input_dict["input"]
+            self.ntokens_seen += inputs.numel()  # data tokens fed to the model
+            mp.ntokens_since_last_log += inputs.shape[0] * inputs.shape[1]  # positions
+            if hasattr(mp, "data_tokens_since_last_log"):
+                mp.data_tokens_since_last_log += inputs.numel()
+            mp.data_loading_times.append(time.perf_counter() - t0)
+            yield input_dict, labels
+
+    def train_step(self, data_iterator):
+        phase = self.tst_plan.phase(self.step)
+        if self.tst_plan.is_switch_step(self.step):
+            self._at_switch()
+        microbatches = [next(data_iterator) for _ in range(self.gradient_accumulation_steps)]
+        for input_dict, labels in microbatches:
+            self._check_batch(phase, input_dict["input"], labels)
+
+        # Multi-hot labels [B, L, s]: normalise by the global valid weight mass.
+        self._valid_mass = None
+        labels0 = microbatches[0][1]
+        if labels0.dim() == 3 and labels0.shape[-1] > 1:
+            w = self.loss_fn.weights
+            local = sum(valid_weight_mass(lab, w) for _, lab in microbatches).to(self.device)
+            if self.parallel_dims.dp_enabled:
+                self._valid_mass = dist_utils.dist_sum(local, self.parallel_dims.get_mesh("batch"))
+            else:
+                self._valid_mass = float(local)
+        if hasattr(self.loss_fn, "reset_slot_stats"):
+            self.loss_fn.reset_slot_stats()
+        super().train_step(iter(microbatches))
+
+    def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
+        if self._valid_mass is not None:
+            global_valid_tokens = self._valid_mass
+        return super().forward_backward_step(
+            input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
+        )
+
+    def post_dataloading_process(self, input_dict, labels):
+        inputs = input_dict["input"]
+        if not (self.parallel_dims.cp_enabled and inputs.dim() == 3):
+            return super().post_dataloading_process(input_dict, labels)
+        # Bags are already folded: shard [B, L, s] inputs and labels along L, with one
+        # RoPE position per bag ("shift, then shard").
+        from torchtitan.distributed.context_parallel import cp_shard
+
+        extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
+        positions = torch.arange(
+            inputs.shape[1], dtype=torch.int32, device=inputs.device
+        ).expand(inputs.shape[:2])
+        (inputs, labels, positions), _ = cp_shard(
+            self.parallel_dims.get_mesh("cp"),
+            (inputs, labels, positions),
+            None,
+            self.job_config.parallelism.context_parallel_load_balancer,
+        )
+        return inputs, labels, extra_inputs, {"positions": positions}
+
+    # -- metrics -----------------------------------------------------------------
+    def _tst_metrics(self, step: int, global_avg_loss: float) -> dict[str, Any]:
+        plan = self.tst_plan
+        phase = plan.phase(step)
+        out: dict[str, Any] = {
+            "tst/phase": int(phase),
+            "tst/bag_size": plan.bag_size if phase == Phase.SUPERPOSITION else 1,
+        }
+        if phase == Phase.SUPERPOSITION and plan.mode != "input_only":
+            out["loss_metrics/superposition_mce"] = global_avg_loss
+            sums, counts = getattr(self.loss_fn, "slot_sums", None), self.loss_fn.slot_counts
+            if sums is not None:
+                stats = torch.cat([sums.float(), counts.float()]).to(self.device)
+                if self.parallel_dims.dp_cp_enabled:
+                    mesh = self.parallel_dims.get_optional_mesh("loss")
+                    torch.distributed.all_reduce(stats, group=mesh.get_group())
+                s = sums.numel()
+                for j in range(s):
+                    out[f"tst/slot_ce/{j + 1}"] = float(stats[j] / stats[s + j].clamp(min=1))
+        else:
+            out["loss_metrics/next_token_ce"] = global_avg_loss
+        return out
