@@ -11,12 +11,19 @@ phases, and counts data tokens separately. Added TensorBoard scalars:
 - ``loss_metrics/superposition_mce`` or ``loss_metrics/next_token_ce``: the step's
   loss under the tag of its phase; ``tst/slot_ce/j``: phase-1 CE of slot j
 - ``n_tokens_seen``: data tokens (torchtitan's own tag, now counting inputs)
+
+Rank 0 also appends every logged step to ``<dump_folder>/metrics.jsonl`` with the
+loss at full precision (for exact comparisons between runs, e.g. resume tests).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Any, Callable
+
+import torch.distributed as dist
 
 from torchtitan.components.metrics import MetricsProcessor
 
@@ -38,6 +45,28 @@ class TSTMetricsProcessor(MetricsProcessor):
             extra.update(self.tst_metrics_fn(step, float(global_avg_loss)))
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
         self.data_tokens_since_last_log = 0
+        self._append_jsonl(step, global_avg_loss, grad_norm, extra)
+
+    def log_validation(self, loss, step, extra_metrics=None):
+        super().log_validation(loss, step, extra_metrics)
+        self._write_row({"step": step, "validation_loss": float(loss)})
+
+    def _append_jsonl(self, step: int, loss, grad_norm, extra: dict[str, Any]) -> None:
+        row = {"step": step, "loss": float(loss), "grad_norm": float(grad_norm)}
+        for k, v in extra.items():
+            if isinstance(v, (int, float)):
+                row[k] = v
+            elif hasattr(v, "item"):
+                row[k] = v.item()
+        self._write_row(row)
+
+    def _write_row(self, row: dict[str, Any]) -> None:
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        folder = self.job_config.job.dump_folder
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def build_tst_metrics_processor(job_config, parallel_dims, model_args=None, tag=None):

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
         raise
     trainer.close()
     if torch.distributed.is_initialized():
+        # Leave together: a rank tearing gloo down while a peer is still finishing
+        # (torchtitan's rank 0 sleeps 2 s at the end) can abort at interpreter exit.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     logger.info("Process group destroyed")
 

@@ -1,0 +1,63 @@
+"""Shared helpers: offline env, a tiny test config, and a torchrun launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_CONFIG = ROOT / "tests" / "assets" / "tiny_cpu.toml"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(
+    dump: Path, *overrides: str, nproc: int = 2, config: Path = TEST_CONFIG, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run ``torchrun -m tst_titan.train`` on CPU with gloo; returns the finished process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=localhost:{free_port()}",
+        "-m", "tst_titan.train",
+        "--job.config_file", str(config),
+        "--job.dump_folder", str(dump),
+        *overrides,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
+        pytest.fail(f"run failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def losses(dump: Path) -> dict[int, float]:
+    rows = [json.loads(l) for l in (dump / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def rows(dump: Path) -> list[dict]:
+    return [json.loads(l) for l in (dump / "metrics.jsonl").read_text().splitlines()]
+
+
+def resume_copy(src: Path, dst: Path, step: int) -> None:
+    """A dump folder holding only checkpoint step-<step> of ``src``: the state after a crash."""
+    (dst / "checkpoint").mkdir(parents=True)
+    shutil.copytree(src / "checkpoint" / f"step-{step}", dst / "checkpoint" / f"step-{step}")

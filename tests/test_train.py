@@ -1,0 +1,156 @@
+"""End-to-end runs: real torchrun, 2 gloo processes, FSDP2, DCP checkpoints."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TEST_CONFIG, losses, ok, resume_copy, rows, run_train
+
+CKPT = ("--checkpoint.enable", "--checkpoint.interval", "2")
+ACCUM = ("--training.global_batch_size", "8")  # local 2 x dp 2 x 2 accumulation steps
+
+
+@pytest.fixture(scope="module")
+def tst_reference(tmp_path_factory):
+    """An uninterrupted TST run: steps 1-4 superposition, 5-8 next-token."""
+    dump = tmp_path_factory.mktemp("tst_ref")
+    proc = ok(run_train(dump, *CKPT, *ACCUM))
+    return dump, proc
+
+
+def test_tst_run_switches_once_and_trains(tst_reference):
+    dump, proc = tst_reference
+    r = {row["step"]: row for row in rows(dump) if "loss" in row}
+    assert sorted(r) == list(range(1, 9))
+    assert [r[k]["tst/phase"] for k in range(1, 9)] == [1] * 4 + [2] * 4
+    assert [r[k]["tst/bag_size"] for k in range(1, 9)] == [4] * 4 + [1] * 4
+    assert all(math.isfinite(r[k]["loss"]) for k in r)
+    # data tokens: 4x as many per step in phase 1 (2 ranks x 4 seqs x 32 positions x s)
+    seen = [r[k]["n_tokens_seen"] for k in range(1, 9)]
+    assert seen[0] == 2 * 4 * 32 * 4 and seen[4] - seen[3] == 2 * 4 * 32
+    # phase-1 loss at init is about log(vocab) (multi-hot CE, constant entropy dropped)
+    assert abs(r[1]["loss"] - math.log(2048)) < 1.0
+    assert "superposition_mce" in " ".join(r[1]) and "next_token_ce" in " ".join(r[5])
+    assert proc.stdout.count("TST switch: step 5") + proc.stderr.count("TST switch: step 5") >= 1
+    for step in (2, 4, 6, 8):
+        assert (dump / "checkpoint" / f"step-{step}" / ".metadata").exists()
+
+
+@pytest.mark.parametrize("resume_step", [2, 4, 6])  # before, at (last phase-1 step), after
+def test_resume_reproduces_losses_exactly(tst_reference, tmp_path, resume_step):
+    ref_dump, _ = tst_reference
+    dump = tmp_path / "resumed"
+    resume_copy(ref_dump, dump, resume_step)
+    ok(run_train(dump, *CKPT, *ACCUM))
+    ref, got = losses(ref_dump), losses(dump)
+    assert sorted(got) == list(range(resume_step + 1, 9))
+    for step in got:
+        assert got[step] == ref[step], f"step {step}: {got[step]!r} != {ref[step]!r}"
+
+
+def test_bag_size_one_is_plain_training_bit_for_bit(tmp_path):
+    plain, tst1 = tmp_path / "plain", tmp_path / "tst1"
+    ok(run_train(plain, "--tst.no-enable", "--training.steps", "6"))
+    ok(run_train(tst1, "--tst.bag_size", "1", "--tst.switch_step", "3", "--training.steps", "6"))
+    a, b = losses(plain), losses(tst1)
+    assert len(a) == 6 and a == b, (a, b)
+    assert [r["tst/phase"] for r in rows(tst1) if "loss" in r][:3] == [1, 1, 1]
+
+
+def test_baseline_run_falls_and_leaves_tensorboard_and_checkpoints(tmp_path):
+    dump = tmp_path / "base"
+    ok(run_train(
+        dump, "--tst.no-enable", "--training.steps", "12", "--metrics.enable_tensorboard",
+        "--validation.enable", "--validation.freq", "6", "--checkpoint.enable",
+        "--checkpoint.interval", "6", "--optimizer.lr", "1e-2",
+    ))
+    l = losses(dump)
+    assert all(math.isfinite(v) for v in l.values())
+    assert sum(l[k] for k in (10, 11, 12)) < sum(l[k] for k in (1, 2, 3)) - 1.0, l
+    val = [r["validation_loss"] for r in rows(dump) if "validation_loss" in r]
+    assert len(val) == 3 and val[-1] < val[0]
+    assert list((dump / "tb").rglob("events.out.tfevents*"))
+    assert (dump / "checkpoint" / "step-12" / ".metadata").exists()
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        (("--tst.bag_size", "0"), "tst.bag_size"),
+        (("--tst.superposition_ratio", "1.0", "--tst.switch_step", None), "tst.superposition_ratio"),
+        (("--tst.switch_step", "8"), "tst.switch_step"),
+        (("--tst.superposition_ratio", "0.3"), "tst.switch_step"),  # both given
+        (("--model.flavor", "nope"), "model.flavor"),
+        (("--training.dataset", "local", "--training.dataset_path", "/nonexistent/x.jsonl"), "training.dataset_path"),
+        (("--training.dataset", "c4"), "training.dataset"),
+        (("--model.hf_assets_path", "/nonexistent"), "model.hf_assets_path"),
+        (("--parallelism.pipeline_parallel_degree", "2"), "parallelism.pipeline_parallel_degree"),
+        (("--data.embedded_vocab_size", "4096"), "data.embedded_vocab_size"),
+    ],
+)
+def test_bad_config_is_one_line_error_naming_the_key(override, key):
+    args = [a for a in override if a is not None]
+    if args[:2] == ["--tst.superposition_ratio", "1.0"]:
+        # the test config sets switch_step; ratio alone needs it unset -> use a TOML without it
+        pytest.skip("covered by test_ratio_out_of_range below")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tst_titan.train", "--job.config_file", str(TEST_CONFIG), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tst-titan: error: {key}"), last
+
+
+def test_ratio_out_of_range(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(TEST_CONFIG.read_text().replace("switch_step = 4", "superposition_ratio = 1.0"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tst_titan.train", "--job.config_file", str(cfg)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("tst-titan: error: tst.superposition_ratio")
+
+
+def test_unknown_tst_key_is_refused(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(TEST_CONFIG.read_text().replace("bag_size = 4", "bag_sise = 4"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tst_titan.train", "--job.config_file", str(cfg)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0 and "bag_sise" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["input_only", "output_only"])
+def test_ablation_modes_train_through_the_switch(tmp_path, mode):
+    dump = tmp_path / mode
+    ok(run_train(dump, "--tst.mode", mode, "--training.steps", "6", "--tst.switch_step", "3"))
+    r = [row for row in rows(dump) if "loss" in row]
+    assert [x["tst/phase"] for x in r] == [1, 1, 1, 2, 2, 2]
+    assert all(math.isfinite(x["loss"]) for x in r)
+    per_step = 2 * 2 * 32  # ranks x local batch x positions
+    seen = [x["n_tokens_seen"] for x in r]
+    # input_only reads s tokens per position in phase 1; output_only reads one
+    assert seen[0] == per_step * (4 if mode == "input_only" else 1)
+    # output_only logs the multi-hot loss in phase 1, input_only a next-token loss
+    assert ("loss_metrics/superposition_mce" in r[0]) == (mode == "output_only")
+
+
+def test_reset_optimizer_rewarms_the_learning_rate(tmp_path):
+    cont, reset = tmp_path / "cont", tmp_path / "reset"
+    common = ("--training.steps", "6", "--tst.switch_step", "3", "--lr_scheduler.warmup_steps", "2")
+    ok(run_train(cont, *common))
+    ok(run_train(reset, *common, "--tst.at_switch", "reset_optimizer"))
+    lc = {x["step"]: x["lr"] for x in rows(cont) if "lr" in x}
+    lr = {x["step"]: x["lr"] for x in rows(reset) if "lr" in x}
+    assert [lr[k] for k in (1, 2, 3)] == [lc[k] for k in (1, 2, 3)]
+    assert lr[4] == pytest.approx(0.5 * lc[4]) and lr[5] == pytest.approx(lc[5])
+    assert losses(cont)[4] == losses(reset)[4]  # same weights before the switch update
+    assert losses(cont)[5] != losses(reset)[5]  # fresh AdamW moments change that update
