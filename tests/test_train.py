@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT, TEST_CONFIG, losses, ok, resume_copy, rows, run_train
+
+def run_entry(config, *args: str) -> subprocess.CompletedProcess:
+    """One plain process (no torchrun): config errors must stop it before distributed init."""
+    return subprocess.run(
+        [sys.executable, "-m", "tst_titan.train", "--job.config_file", str(config), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"},
+    )
+
 
 CKPT = ("--checkpoint.enable", "--checkpoint.interval", "2")
 ACCUM = ("--training.global_batch_size", "8")  # local 2 x dp 2 x 2 accumulation steps
@@ -92,12 +102,7 @@ def test_baseline_run_falls_and_leaves_tensorboard_and_checkpoints(tmp_path):
     ],
 )
 def test_bad_config_is_one_line_error_naming_the_key(override, key):
-    args = list(override)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tst_titan.train", "--job.config_file", str(TEST_CONFIG), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**__import__("os").environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"},
-    )
+    proc = run_entry(TEST_CONFIG, *override)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"tst-titan: error: {key}"), last
@@ -106,10 +111,7 @@ def test_bad_config_is_one_line_error_naming_the_key(override, key):
 def test_ratio_out_of_range(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(TEST_CONFIG.read_text().replace("switch_step = 4", "superposition_ratio = 1.0"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tst_titan.train", "--job.config_file", str(cfg)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
+    proc = run_entry(cfg)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("tst-titan: error: tst.superposition_ratio")
 
@@ -117,10 +119,7 @@ def test_ratio_out_of_range(tmp_path):
 def test_unknown_tst_key_is_refused(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(TEST_CONFIG.read_text().replace("bag_size = 4", "bag_sise = 4"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tst_titan.train", "--job.config_file", str(cfg)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
+    proc = run_entry(cfg)
     assert proc.returncode != 0 and "bag_sise" in proc.stderr
 
 

@@ -164,30 +164,21 @@ def build_source(
 ) -> Stateful:
     """Build the document source for one data-parallel rank."""
     kind_key, path_key = f"{key_prefix}.dataset", f"{key_prefix}.dataset_path"
+    def map_style(get_document: Callable[[int], str], n: int) -> MapStyleSource:
+        # Training data is reshuffled per epoch; validation keeps one fixed order.
+        return MapStyleSource(
+            get_document, n, dp_rank, dp_world_size,
+            seed=data_cfg.shuffle_seed, loop=loop, shuffle=split == "train",
+        )
+
     if kind == "embedded":
         paths = embedded.document_paths(split)
-        return MapStyleSource(
-            lambda i: embedded.read_document(paths[i]),
-            len(paths),
-            dp_rank,
-            dp_world_size,
-            seed=data_cfg.shuffle_seed,
-            loop=loop,
-            shuffle=split == "train",
-        )
+        return map_style(lambda i: embedded.read_document(paths[i]), len(paths))
     if kind == "local":
         if not path:
             raise DataError(f"{path_key}: required when {kind_key} = 'local'")
         ds, field = _load_local(path, path_key, data_cfg.text_field)
-        return MapStyleSource(
-            lambda i: ds[i][field],
-            len(ds),
-            dp_rank,
-            dp_world_size,
-            seed=data_cfg.shuffle_seed,
-            loop=loop,
-            shuffle=split == "train",
-        )
+        return map_style(lambda i: ds[i][field], len(ds))
     if kind == "hf":
         if not path:
             raise DataError(f"{path_key}: required when {kind_key} = 'hf' (a hub dataset name)")
