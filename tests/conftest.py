@@ -26,10 +26,11 @@ def free_port() -> int:
 
 
 def run_train(
-    dump: Path, *overrides: str, nproc: int = 2, config: Path = TEST_CONFIG, timeout: int = 300
+    dump: Path, *overrides: str, nproc: int = 2, config: Path = TEST_CONFIG, timeout: int = 300,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``torchrun -m tst_titan.train`` on CPU with gloo; returns the finished process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
@@ -44,7 +45,7 @@ def run_train(
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
-        pytest.fail(f"run failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(f"run failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-20000:]}")
     return proc
 
 

@@ -62,6 +62,15 @@ def test_resume_reproduces_losses_exactly(tst_reference, tmp_path, resume_step):
         assert got[step] == ref[step], f"step {step}: {got[step]!r} != {ref[step]!r}"
 
 
+def test_changed_data_parallel_degree_is_refused(tst_reference, tmp_path):
+    ref_dump, _ = tst_reference
+    dump = tmp_path / "one_rank"
+    resume_copy(ref_dump, dump, 4)
+    proc = run_train(dump, *CKPT, nproc=1)
+    assert proc.returncode != 0
+    assert "tst-titan: error: checkpoint was written with data-parallel degree 2, this run has 1" in proc.stderr
+
+
 def test_bag_size_one_is_plain_training_bit_for_bit(tmp_path):
     plain, tst1 = tmp_path / "plain", tmp_path / "tst1"
     ok(run_train(plain, "--tst.no-enable", "--training.steps", "6"))

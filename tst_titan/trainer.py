@@ -146,18 +146,11 @@ class TSTTrainer(Trainer):
         inputs = input_dict["input"]
         if not (self.parallel_dims.cp_enabled and inputs.dim() == 3):
             return super().post_dataloading_process(input_dict, labels)
-        # Bags are already folded: shard [B, L, s] inputs and labels along L, with one
-        # RoPE position per bag ("shift, then shard").
-        from torchtitan.distributed.context_parallel import cp_shard
-
         extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
-        positions = torch.arange(
-            inputs.shape[1], dtype=torch.int32, device=inputs.device
-        ).expand(inputs.shape[:2])
-        (inputs, labels, positions), _ = cp_shard(
+        inputs, labels, positions = shard_bags_for_context_parallel(
+            inputs,
+            labels,
             self.parallel_dims.get_mesh("cp"),
-            (inputs, labels, positions),
-            None,
             self.job_config.parallelism.context_parallel_load_balancer,
         )
         return inputs, labels, extra_inputs, {"positions": positions}
@@ -184,3 +177,19 @@ class TSTTrainer(Trainer):
         else:
             out["loss_metrics/next_token_ce"] = global_avg_loss
         return out
+
+
+def shard_bags_for_context_parallel(inputs, labels, cp_mesh, load_balancer: str | None):
+    """Context parallel for bags: "fold, then shard".
+
+    ``inputs`` [B, L, s] are already folded into bags and ``labels`` already hold the
+    next bag per position, so sharding along L (dim 1) with torchtitan's load balancer
+    keeps every bag and its label on one rank, the last position of each shard
+    included. One RoPE position per bag.
+    """
+    from torchtitan.distributed.context_parallel import cp_shard
+
+    positions = torch.arange(inputs.shape[1], dtype=torch.int32, device=inputs.device)
+    positions = positions.expand(inputs.shape[:2])
+    (inputs, labels, positions), _ = cp_shard(cp_mesh, (inputs, labels, positions), None, load_balancer)
+    return inputs, labels, positions

@@ -114,6 +114,20 @@ class TSTPackedDataset(IterableDataset, Stateful):
         self.tokens_consumed = int(state_dict.get("tokens_consumed", 0))
 
 
+class TSTDataLoader(ParallelAwareDataloader):
+    """torchtitan's dataloader (per-rank state in DCP), refusing a changed DP degree clearly."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("world_size") if state_dict else None
+        if saved is not None and saved != self.dp_world_size:
+            raise CheckpointMismatchError(
+                f"checkpoint was written with data-parallel degree {saved}, this run has "
+                f"{self.dp_world_size}; resume with the same degree (each rank's data "
+                "stream is part of the checkpoint and cannot be re-split)"
+            )
+        super().load_state_dict(state_dict)
+
+
 def samples_per_step(job_config, dp_world_size: int) -> int:
     """Samples one data-parallel rank serves per optimizer step (local batch x grad accum)."""
     local_bs = job_config.training.local_batch_size
@@ -142,7 +156,7 @@ def build_tst_dataloader(
         plan_from_job_config(job_config),
         samples_per_step(job_config, dp_world_size),
     )
-    return ParallelAwareDataloader(
+    return TSTDataLoader(
         dataset,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
