@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.tools.logging import logger
 
 
 class TSTMetricsProcessor(MetricsProcessor):
@@ -34,6 +35,7 @@ class TSTMetricsProcessor(MetricsProcessor):
         self.data_tokens_since_last_log = 0
         # Set by the trainer: (step, global_avg_loss) -> extra scalars of that step.
         self.tst_metrics_fn: Callable[[int, float], dict[str, Any]] | None = None
+        self._progress_origin: tuple[int, float] | None = None
 
     def log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
         extra = dict(extra_metrics or {})
@@ -46,6 +48,23 @@ class TSTMetricsProcessor(MetricsProcessor):
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
         self.data_tokens_since_last_log = 0
         self._append_jsonl(step, global_avg_loss, grad_norm, extra)
+        self._log_progress(step, extra)
+
+    def _log_progress(self, step: int, extra: dict[str, Any]) -> None:
+        """One console line per log step: where the run is, and when it will end."""
+        now, total = time.perf_counter(), self.job_config.training.steps
+        if self._progress_origin is None:
+            self._progress_origin = (step, now)
+            eta = "?"
+        else:
+            first_step, t0 = self._progress_origin
+            per_step = (now - t0) / max(1, step - first_step)
+            eta = time.strftime("%H:%M:%S", time.gmtime(per_step * (total - step)))
+        phase = extra.get("tst/phase", 2)
+        logger.info(
+            f"progress: step {step}/{total} ({100 * step / total:.0f}%), phase {phase}, "
+            f"data tokens/s {extra['throughput/data_tokens_per_s']:,.0f}, ETA {eta}"
+        )
 
     def log_validation(self, loss, step, extra_metrics=None):
         super().log_validation(loss, step, extra_metrics)
