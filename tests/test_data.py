@@ -190,3 +190,15 @@ def test_local_errors_name_the_key(tmp_path):
     p.write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(DataError, match="data.text_field"):
         build_source("local", str(p), "train", 0, 1, Data(), loop=True)
+
+
+def test_data_budget_counts_phases_and_estimates_epochs():
+    from tst_titan.data.budget import consumed_tokens_per_rank, plan_budget
+
+    plan = TSTPlan(bag_size=4, switch_step=3, total_steps=10, seq_len=8)
+    assert consumed_tokens_per_rank(plan, 2) == 3 * 2 * 4 * 9 + 7 * 2 * 9
+    docs, tok = ["x" * 98] * 10, CharTokenizer()  # 100 tokens each with bos/eos
+    budget = plan_budget(_source(docs, 0, 2), tok, plan, samples_per_step=2)
+    assert budget.available_tokens == 500  # 5 documents on rank 0 of 2
+    assert budget.epochs == pytest.approx(342 / 500)
+    assert "0.68 epochs" in budget.describe()

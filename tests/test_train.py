@@ -158,3 +158,11 @@ def test_reset_optimizer_rewarms_the_learning_rate(tmp_path):
     assert lr[4] == pytest.approx(0.5 * lc[4]) and lr[5] == pytest.approx(lc[5])
     assert losses(cont)[4] == losses(reset)[4]  # same weights before the switch update
     assert losses(cont)[5] != losses(reset)[5]  # fresh AdamW moments change that update
+
+
+def test_strict_data_budget_refuses_a_run_that_would_repeat_data(tmp_path):
+    proc = run_train(tmp_path / "budget", "--training.steps", "100000", "--tst.switch_step", "30000",
+                     "--data.strict_budget", nproc=1)
+    assert proc.returncode != 0
+    assert "tst-titan: error: training.dataset: the run reads about" in proc.stderr
+    assert "data will repeat (data.strict_budget = true)" in proc.stderr

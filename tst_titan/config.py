@@ -59,6 +59,10 @@ class Data:
     """Vocabulary of the BPE tokenizer trained on the embedded corpus
     (model.hf_assets_path = "embedded"); must not exceed the model's vocab_size."""
 
+    strict_budget: bool = False
+    """Refuse to start when the planned run would read the training data more than once
+    (otherwise: a warning with the number of epochs)."""
+
     shuffle_seed: int = 1234
     """Seed of the document order of map-style sources (embedded, local files);
     each epoch is reshuffled with shuffle_seed + epoch."""

@@ -27,8 +27,9 @@ from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
-from tst_titan.checks import check_job_config, check_tokenizer_fits
-from tst_titan.data.loader import samples_per_step
+from tst_titan.checks import ConfigError, check_job_config, check_tokenizer_fits
+from tst_titan.data.budget import plan_budget
+from tst_titan.data.loader import TSTPackedDataset, samples_per_step
 from tst_titan.loss import valid_weight_mass
 from tst_titan.schedule import Phase, plan_from_job_config
 from tst_titan.specs import register_specs
@@ -52,10 +53,26 @@ class TSTTrainer(Trainer):
         plan = self.tst_plan
         dp = self.parallel_dims.get_mesh("batch").size() if self.parallel_dims.dp_enabled else 1
         logger.info(plan.describe(samples_per_step(job_config, dp), dp))
+        self._check_data_budget(samples_per_step(job_config, dp))
         if plan.enabled and plan.at_switch == "reset_optimizer":
             self._install_lr_rewarmup()
         if hasattr(self.metrics_processor, "tst_metrics_fn"):
             self.metrics_processor.tst_metrics_fn = self._tst_metrics
+
+    def _check_data_budget(self, per_step: int) -> None:
+        dataset = getattr(self.dataloader, "dataset", None)
+        if not isinstance(dataset, TSTPackedDataset):
+            return
+        budget = plan_budget(dataset._source, self.tokenizer, self.tst_plan, per_step)
+        logger.info(budget.describe())
+        if budget.epochs is not None and budget.epochs > 1.0:
+            msg = (
+                f"training.dataset: the run reads about {budget.epochs:.2f} epochs of its data "
+                f"(TST phase 1 reads {self.tst_plan.bag_size}x tokens per step); data will repeat"
+            )
+            if self.job_config.data.strict_budget:
+                raise ConfigError(msg + " (data.strict_budget = true)")
+            logger.warning(msg)
 
     # -- the switch ------------------------------------------------------------
     def _install_lr_rewarmup(self) -> None:

@@ -55,11 +55,15 @@ class MapStyleSource(Stateful):
                 f"dataset has {num_documents} documents, fewer than the "
                 f"{dp_world_size} data-parallel ranks"
             )
-        self._get = get_document
+        self.get_document = get_document
         self.num_documents = num_documents
         self._rank, self._world = dp_rank, dp_world_size
         self._seed, self._loop, self._shuffle = seed, loop, shuffle
         self.epoch, self.position = 0, 0
+
+    @property
+    def documents_per_rank(self) -> int:
+        return len(range(self._rank, self.num_documents, self._world))
 
     def _rank_order(self, epoch: int) -> list[int]:
         order = list(range(self.num_documents))
@@ -73,7 +77,7 @@ class MapStyleSource(Stateful):
             while self.position < len(order):
                 idx = order[self.position]
                 self.position += 1  # count it before handing it out
-                yield self._get(idx)
+                yield self.get_document(idx)
             if not self._loop:
                 return
             self.epoch, self.position = self.epoch + 1, 0

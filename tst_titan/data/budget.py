@@ -1,0 +1,59 @@
+"""Data budget: will the run's data repeat?
+
+A TST run reads s times the tokens per step in phase 1, so a dataset sized for the
+baseline can silently loop. At startup the trainer compares the stream tokens the plan
+consumes on each data-parallel rank with an estimate of that rank's share of the
+dataset (map-style sources: mean tokens of a fixed sample of documents x documents per
+rank), logs it, warns when data would repeat, and refuses in strict mode
+(``data.strict_budget = true``). Streaming sources have no known size: nothing to check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tst_titan.schedule import Phase, TSTPlan
+
+SAMPLE_DOCS = 64
+
+
+@dataclass(frozen=True)
+class Budget:
+    consumed_tokens: int  # stream tokens one rank reads over the whole run
+    available_tokens: int | None  # estimated tokens in one rank's share of the data
+
+    @property
+    def epochs(self) -> float | None:
+        if not self.available_tokens:
+            return None
+        return self.consumed_tokens / self.available_tokens
+
+    def describe(self) -> str:
+        if self.epochs is None:
+            return f"data budget: {self.consumed_tokens:,} stream tokens per rank (dataset size unknown)"
+        return (
+            f"data budget: {self.consumed_tokens:,} stream tokens per rank of about "
+            f"{self.available_tokens:,} available ({self.epochs:.2f} epochs)"
+        )
+
+
+def consumed_tokens_per_rank(plan: TSTPlan, samples_per_step: int) -> int:
+    p1 = plan.switch_step * samples_per_step * plan.window_len(Phase.SUPERPOSITION)
+    p2 = (plan.total_steps - plan.switch_step) * samples_per_step * plan.window_len(Phase.NEXT_TOKEN)
+    return p1 + p2
+
+
+def estimate_rank_tokens(source, tokenizer) -> int | None:
+    """Tokens in one rank's share of a map-style source, from a fixed document sample."""
+    n = getattr(source, "num_documents", None)
+    get = getattr(source, "get_document", None)
+    if not n or get is None:
+        return None
+    step = max(1, n // SAMPLE_DOCS)
+    idx = list(range(0, n, step))[:SAMPLE_DOCS]
+    mean = sum(len(tokenizer.encode(get(i), add_bos=True, add_eos=True)) for i in idx) / len(idx)
+    return int(mean * source.documents_per_rank)
+
+
+def plan_budget(source, tokenizer, plan: TSTPlan, samples_per_step: int) -> Budget:
+    return Budget(consumed_tokens_per_rank(plan, samples_per_step), estimate_rank_tokens(source, tokenizer))
