@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -61,7 +62,8 @@ def test_state_dict_keys_match_torchtitan_models():
     ):
         with torch.device("meta"):
             assert list(cls(args).state_dict()) == list(base(args).state_dict())
-    qwen = _build(TSTQwen3, tst_qwen3_flavors["tiny"])
+    tied = dataclasses.replace(tst_qwen3_flavors["tiny"], enable_weight_tying=True)
+    qwen = _build(TSTQwen3, tied)
     assert qwen.output.weight is qwen.tok_embeddings.weight  # tying preserved
 
 

@@ -166,3 +166,14 @@ def test_strict_data_budget_refuses_a_run_that_would_repeat_data(tmp_path):
     assert proc.returncode != 0
     assert "tst-titan: error: training.dataset: the run reads about" in proc.stderr
     assert "data will repeat (data.strict_budget = true)" in proc.stderr
+
+
+def test_qwen3_trains_through_the_switch(tmp_path):
+    """tst_qwen3 (dense). Its MoE flavors cannot run on CPU: torchtitan 0.2.2's router
+    counts tokens with torch.histc on int64, which has no CPU kernel."""
+    dump = tmp_path / "qwen3"
+    ok(run_train(dump, "--model.name", "tst_qwen3", "--model.flavor", "tiny",
+                 "--training.steps", "6", "--tst.switch_step", "3"))
+    r = [row for row in rows(dump) if "loss" in row]
+    assert [x["tst/phase"] for x in r] == [1, 1, 1, 2, 2, 2]
+    assert all(math.isfinite(x["loss"]) for x in r) and r[-1]["loss"] < r[0]["loss"]
