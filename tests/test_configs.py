@@ -47,3 +47,15 @@ def test_paper_twins_share_everything_but_tst():
         for section in ("model", "optimizer", "lr_scheduler"):
             assert a[section] == b[section], (twin.name, section)
         assert a["training"]["seq_len"] == b["training"]["seq_len"]
+
+
+def test_tokenizer_larger_than_the_model_vocab_is_refused():
+    from tst_titan.checks import ConfigError, check_tokenizer_fits
+    from tst_titan.specs import tst_llama3_flavors
+
+    class Tok:
+        def get_vocab_size(self):
+            return 4096
+
+    with pytest.raises(ConfigError, match=r"^model.hf_assets_path: tokenizer has 4096 tokens but flavor 'tiny' has vocab_size 2048"):
+        check_tokenizer_fits(Tok(), tst_llama3_flavors["tiny"], "tiny")

@@ -52,8 +52,9 @@ class TSTTrainer(Trainer):
 
         plan = self.tst_plan
         dp = self.parallel_dims.get_mesh("batch").size() if self.parallel_dims.dp_enabled else 1
-        logger.info(plan.describe(samples_per_step(job_config, dp), dp))
-        self._check_data_budget(samples_per_step(job_config, dp))
+        per_step = samples_per_step(job_config, dp)
+        logger.info(plan.describe(per_step, dp))
+        self._check_data_budget(per_step)
         if plan.enabled and plan.at_switch == "reset_optimizer":
             self._install_lr_rewarmup()
         if hasattr(self.metrics_processor, "tst_metrics_fn"):
