@@ -201,4 +201,6 @@ def test_data_budget_counts_phases_and_estimates_epochs():
     budget = plan_budget(_source(docs, 0, 2), tok, plan, samples_per_step=2)
     assert budget.available_tokens == 500  # 5 documents on rank 0 of 2
     assert budget.epochs == pytest.approx(342 / 500)
+    assert (budget.phase1_tokens, budget.phase2_tokens) == (3 * 2 * 4 * 9, 7 * 2 * 9)
+    assert "phase 1: 216, phase 2: 126" in budget.describe()
     assert "0.68 epochs" in budget.describe()

@@ -11,6 +11,9 @@ phases, and counts data tokens separately. Added TensorBoard scalars:
 - ``loss_metrics/superposition_mce`` or ``loss_metrics/next_token_ce``: the step's
   loss under the tag of its phase; ``tst/slot_ce/j``: phase-1 CE of slot j
 - ``n_tokens_seen``: data tokens (torchtitan's own tag, now counting inputs)
+- ``tst/positions_seen``, ``tst/train_flops``: cumulative model positions and training
+  FLOPs (equal in both phases per step), the compute axis of ``scripts/compare_runs.py``
+- text ``tst/plan``: the phase plan and the data budget (tokens per phase, epochs)
 
 Rank 0 also appends every logged step to ``<dump_folder>/metrics.jsonl`` with the
 loss at full precision (for exact comparisons between runs, e.g. resume tests).

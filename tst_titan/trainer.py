@@ -53,19 +53,32 @@ class TSTTrainer(Trainer):
         plan = self.tst_plan
         dp = self.parallel_dims.get_mesh("batch").size() if self.parallel_dims.dp_enabled else 1
         per_step = samples_per_step(job_config, dp)
-        logger.info(plan.describe(per_step, dp))
-        self._check_data_budget(per_step)
+        # Model positions per optimizer step are the same in both phases (L per sequence).
+        self._positions_per_step = per_step * dp * job_config.training.seq_len
+        plan_text = plan.describe(per_step, dp)
+        logger.info(plan_text)
+        budget_text = self._check_data_budget(per_step)
+        self._log_text("tst/plan", "\n\n".join(t for t in (plan_text, budget_text) if t))
         if plan.enabled and plan.at_switch == "reset_optimizer":
             self._install_lr_rewarmup()
         if hasattr(self.metrics_processor, "tst_metrics_fn"):
             self.metrics_processor.tst_metrics_fn = self._tst_metrics
 
-    def _check_data_budget(self, per_step: int) -> None:
+    def _log_text(self, tag: str, text: str) -> None:
+        """Write a text entry to TensorBoard (rank 0's writer), if TensorBoard is on."""
+        for sink in getattr(self.metrics_processor.logger, "_loggers", []):
+            writer = getattr(sink, "writer", None)
+            if writer is not None and hasattr(writer, "add_text"):
+                writer.add_text(tag, text, self.step)
+                writer.flush()
+
+    def _check_data_budget(self, per_step: int) -> str | None:
         dataset = getattr(self.dataloader, "dataset", None)
         if not isinstance(dataset, TSTPackedDataset):
-            return
+            return None
         budget = plan_budget(dataset._source, self.tokenizer, self.tst_plan, per_step)
-        logger.info(budget.describe())
+        text = budget.describe()
+        logger.info(text)
         if budget.epochs is not None and budget.epochs > 1.0:
             msg = (
                 f"training.dataset: the run reads about {budget.epochs:.2f} epochs of its data "
@@ -74,6 +87,8 @@ class TSTTrainer(Trainer):
             if self.job_config.data.strict_budget:
                 raise ConfigError(msg + " (data.strict_budget = true)")
             logger.warning(msg)
+            text += f"\n\nWARNING: {msg}"
+        return text
 
     # -- the switch ------------------------------------------------------------
     def _install_lr_rewarmup(self) -> None:
@@ -177,9 +192,15 @@ class TSTTrainer(Trainer):
     def _tst_metrics(self, step: int, global_avg_loss: float) -> dict[str, Any]:
         plan = self.tst_plan
         phase = plan.phase(step)
+        positions = step * self._positions_per_step
         out: dict[str, Any] = {
             "tst/phase": int(phase),
             "tst/bag_size": plan.bag_size if phase == Phase.SUPERPOSITION else 1,
+            "tst/switch_step": plan.switch_step,  # last phase-1 step (0: no phase 1)
+            # Cumulative model positions and training FLOPs (torchtitan's per-token count,
+            # forward + backward): the x-axes of equal-compute comparisons.
+            "tst/positions_seen": positions,
+            "tst/train_flops": float(positions * max(0, self.metrics_processor.num_flops_per_token)),
         }
         if phase == Phase.SUPERPOSITION and plan.mode != "input_only":
             out["loss_metrics/superposition_mce"] = global_avg_loss

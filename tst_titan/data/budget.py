@@ -19,8 +19,13 @@ SAMPLE_DOCS = 64
 
 @dataclass(frozen=True)
 class Budget:
-    consumed_tokens: int  # stream tokens one rank reads over the whole run
+    phase1_tokens: int  # stream tokens one rank reads in the superposition phase
+    phase2_tokens: int  # ... and in the next-token phase
     available_tokens: int | None  # estimated tokens in one rank's share of the data
+
+    @property
+    def consumed_tokens(self) -> int:
+        return self.phase1_tokens + self.phase2_tokens
 
     @property
     def epochs(self) -> float | None:
@@ -29,18 +34,24 @@ class Budget:
         return self.consumed_tokens / self.available_tokens
 
     def describe(self) -> str:
-        if self.epochs is None:
-            return f"data budget: {self.consumed_tokens:,} stream tokens per rank (dataset size unknown)"
-        return (
-            f"data budget: {self.consumed_tokens:,} stream tokens per rank of about "
-            f"{self.available_tokens:,} available ({self.epochs:.2f} epochs)"
+        used = (
+            f"data budget: {self.consumed_tokens:,} stream tokens per rank "
+            f"(phase 1: {self.phase1_tokens:,}, phase 2: {self.phase2_tokens:,})"
         )
+        if self.epochs is None:
+            return used + " of a dataset of unknown size"
+        return used + f" of about {self.available_tokens:,} available ({self.epochs:.2f} epochs)"
+
+
+def tokens_per_phase(plan: TSTPlan, samples_per_step: int) -> tuple[int, int]:
+    """Stream tokens one rank reads in phase 1 and in phase 2."""
+    p1 = plan.switch_step * samples_per_step * plan.window_len(Phase.SUPERPOSITION)
+    p2 = (plan.total_steps - plan.switch_step) * samples_per_step * plan.window_len(Phase.NEXT_TOKEN)
+    return p1, p2
 
 
 def consumed_tokens_per_rank(plan: TSTPlan, samples_per_step: int) -> int:
-    p1 = plan.switch_step * samples_per_step * plan.window_len(Phase.SUPERPOSITION)
-    p2 = (plan.total_steps - plan.switch_step) * samples_per_step * plan.window_len(Phase.NEXT_TOKEN)
-    return p1 + p2
+    return sum(tokens_per_phase(plan, samples_per_step))
 
 
 def estimate_rank_tokens(source, tokenizer) -> int | None:
@@ -56,4 +67,5 @@ def estimate_rank_tokens(source, tokenizer) -> int | None:
 
 
 def plan_budget(source, tokenizer, plan: TSTPlan, samples_per_step: int) -> Budget:
-    return Budget(consumed_tokens_per_rank(plan, samples_per_step), estimate_rank_tokens(source, tokenizer))
+    p1, p2 = tokens_per_phase(plan, samples_per_step)
+    return Budget(p1, p2, estimate_rank_tokens(source, tokenizer))
