@@ -192,6 +192,49 @@ def test_local_errors_name_the_key(tmp_path):
         build_source("local", str(p), "train", 0, 1, Data(), loop=True)
 
 
+@pytest.mark.parametrize("fmt", ["txt", "jsonl"])
+def test_non_utf8_local_text_is_refused_naming_file_and_byte(tmp_path, fmt):
+    good = tmp_path / f"a_good.{fmt}"
+    bad = tmp_path / f"b_bad.{fmt}"
+    if fmt == "txt":
+        good.write_text("fine text\n\nmore\n")
+        bad.write_bytes(b"hello\n\nw\xffrld\n")  # 0xff never occurs in UTF-8
+        offset = 8
+    else:
+        good.write_text(json.dumps({"text": "fine"}) + "\n")
+        bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # latin-1 e-acute
+        offset = 28
+    with pytest.raises(DataError) as err:
+        build_source("local", str(tmp_path), "train", 0, 1, Data(), loop=True)
+    msg = str(err.value)
+    assert msg.startswith("training.dataset_path: ") and "not valid UTF-8" in msg
+    assert f"{bad} (byte {offset})" in msg, msg
+
+
+@pytest.mark.parametrize("name", ["e.jsonl", "e.txt"])
+def test_empty_dataset_is_refused(tmp_path, name):
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(DataError, match=r"^training.dataset_path: .* holds no documents"):
+        build_source("local", str(tmp_path / name), "train", 0, 1, Data(), loop=True)
+
+
+def test_tiny_datasets(tmp_path):
+    p = tmp_path / "one.jsonl"
+    p.write_text(json.dumps({"text": "only one"}) + "\n")
+    with pytest.raises(DataError, match="1 documents, fewer than the 2 data-parallel ranks"):
+        build_source("local", str(p), "train", 0, 2, Data(), loop=True)
+    # Two documents, one null: the null is an empty document, and a looping source
+    # keeps serving windows far longer than the data (the budget check warns about it).
+    p.write_text(json.dumps({"text": "ab"}) + "\n" + json.dumps({"text": None}) + "\n")
+    src = build_source("local", str(p), "train", 0, 1, Data(), loop=True)
+    plan = TSTPlan(bag_size=4, switch_step=2, total_steps=4, seq_len=8)
+    ds = TSTPackedDataset(src, CharTokenizer(), plan, samples_per_step=1)
+    windows = [next(iter_) for iter_ in [iter(ds)] for _ in range(4)]
+    assert [tuple(w[0]["input"].shape) for w in windows] == [(8, 4), (8, 4), (8,), (8,)]
+    flat = torch.cat([w[0]["input"].flatten() for w in windows]).tolist()
+    assert set(flat) <= {1, 2, ord("a"), ord("b")}
+
+
 def test_data_budget_counts_phases_and_estimates_epochs():
     from tst_titan.data.budget import consumed_tokens_per_rank, plan_budget
 

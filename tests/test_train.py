@@ -50,7 +50,8 @@ def test_tst_run_switches_once_and_trains(tst_reference):
         assert (dump / "checkpoint" / f"step-{step}" / ".metadata").exists()
 
 
-@pytest.mark.parametrize("resume_step", [2, 4, 6])  # before, at (last phase-1 step), after
+# Resume at the switch; tests/test_faults.py kills and resumes at every other point.
+@pytest.mark.parametrize("resume_step", [4])
 def test_resume_reproduces_losses_exactly(tst_reference, tmp_path, resume_step):
     ref_dump, _ = tst_reference
     dump = tmp_path / "resumed"
@@ -69,6 +70,32 @@ def test_changed_data_parallel_degree_is_refused(tst_reference, tmp_path):
     proc = run_train(dump, *CKPT, nproc=1)
     assert proc.returncode != 0
     assert "tst-titan: error: checkpoint was written with data-parallel degree 2, this run has 1" in proc.stderr
+
+
+def test_checkpoint_of_another_model_flavor_is_refused(tst_reference, tmp_path):
+    ref_dump, _ = tst_reference
+    dump = tmp_path / "other_flavor"
+    resume_copy(ref_dump, dump, 4)
+    proc = run_train(dump, *CKPT, *ACCUM, "--model.flavor", "debug")
+    assert proc.returncode != 0
+    assert "tst-titan: error: checkpoint" in proc.stderr and "was written for another model (" in proc.stderr
+    assert "check model.name / model.flavor" in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["data", "metadata"])
+def test_damaged_checkpoint_is_refused(tst_reference, tmp_path, damage):
+    ref_dump, _ = tst_reference
+    dump = tmp_path / "damaged"
+    resume_copy(ref_dump, dump, 4)
+    folder = dump / "checkpoint" / "step-4"
+    victims = list(folder.glob("*.distcp")) if damage == "data" else [folder / ".metadata"]
+    for f in victims:
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 3])
+    proc = run_train(dump, *CKPT, *ACCUM)
+    assert proc.returncode != 0
+    assert f"tst-titan: error: checkpoint {folder}" in proc.stderr, proc.stderr[-3000:]
+    assert "delete the folder to resume from an earlier one" in proc.stderr
+    assert "step: 5" not in proc.stdout + proc.stderr  # refused before any step ran
 
 
 def test_bag_size_one_is_plain_training_bit_for_bit(tmp_path):

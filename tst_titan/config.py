@@ -63,6 +63,11 @@ class Data:
     """Refuse to start when the planned run would read the training data more than once
     (otherwise: a warning with the number of epochs)."""
 
+    trace: bool = False
+    """Append a SHA-1 of every step's batch (inputs and labels, all microbatches) to
+    <dump_folder>/data_trace/rank<r>.jsonl: proof that a resumed run served the same
+    tokens as an uninterrupted one. Cheap, but off by default."""
+
     shuffle_seed: int = 1234
     """Seed of the document order of map-style sources (embedded, local files);
     each epoch is reshuffled with shuffle_seed + epoch."""

@@ -31,11 +31,12 @@ def parse_config(argv: list[str]) -> JobConfig:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from tst_titan.checkpoint import CheckpointError
     from tst_titan.checks import ConfigError
     from tst_titan.data.loader import CheckpointMismatchError
     from tst_titan.data.sources import DataError
 
-    return (ConfigError, DataError, CheckpointMismatchError)
+    return (ConfigError, DataError, CheckpointMismatchError, CheckpointError)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,12 +2,15 @@
 
 What it adds, each in the hook torchtitan provides for it:
 
-- ``__init__``: config checks before any distributed work; logs the TST plan;
-  installs the LR re-warm-up for ``at_switch = "reset_optimizer"``.
+- ``__init__``: config checks before any distributed work; logs the TST plan and the
+  data budget (console and TensorBoard text); guards checkpoint loading
+  (:mod:`tst_titan.checkpoint`); installs the LR re-warm-up for
+  ``at_switch = "reset_optimizer"``; opens the ``data.trace`` file.
 - ``batch_generator``: counts data tokens (``n_tokens_seen``) and model positions
   (throughput and MFU) separately.
 - ``train_step``: the switch banner and optional optimizer reset; checks that every
-  batch has the shape of the step's phase; computes the multi-hot normaliser.
+  batch has the shape of the step's phase; computes the multi-hot normaliser; writes
+  the batch digest when ``data.trace`` is on.
 - ``forward_backward_step``: divides by the global valid *weight mass* of the bag
   labels (the number of positions when nothing is ignored), not by the label count.
 - ``post_dataloading_process``: context-parallel sharding of [B, L, s] bags along L.
@@ -17,6 +20,9 @@ The phase itself is decided in one place, :meth:`tst_titan.schedule.TSTPlan.phas
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from typing import Any, Iterable, Iterator
 
@@ -27,6 +33,7 @@ from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
+from tst_titan.checkpoint import guard_checkpoint_loading
 from tst_titan.checks import ConfigError, check_job_config, check_tokenizer_fits
 from tst_titan.data.budget import plan_budget
 from tst_titan.data.loader import TSTPackedDataset, samples_per_step
@@ -49,6 +56,7 @@ class TSTTrainer(Trainer):
         self.tst_plan = plan_from_job_config(job_config)
         self._valid_mass: float | None = None
         super().__init__(job_config)
+        guard_checkpoint_loading(self.checkpointer)
 
         plan = self.tst_plan
         dp = self.parallel_dims.get_mesh("batch").size() if self.parallel_dims.dp_enabled else 1
@@ -63,6 +71,12 @@ class TSTTrainer(Trainer):
             self._install_lr_rewarmup()
         if hasattr(self.metrics_processor, "tst_metrics_fn"):
             self.metrics_processor.tst_metrics_fn = self._tst_metrics
+        self._trace_path = None
+        if job_config.data.trace:
+            folder = os.path.join(job_config.job.dump_folder, "data_trace")
+            os.makedirs(folder, exist_ok=True)
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            self._trace_path = os.path.join(folder, f"rank{rank}.jsonl")
 
     def _log_text(self, tag: str, text: str) -> None:
         """Write a text entry to TensorBoard (rank 0's writer), if TensorBoard is on."""
@@ -153,6 +167,8 @@ class TSTTrainer(Trainer):
         microbatches = [next(data_iterator) for _ in range(self.gradient_accumulation_steps)]
         for input_dict, labels in microbatches:
             self._check_batch(phase, input_dict["input"], labels)
+        if self._trace_path is not None:
+            self._trace_batch(microbatches)
 
         # Multi-hot labels [B, L, s]: normalise by the global valid weight mass.
         self._valid_mass = None
@@ -167,6 +183,16 @@ class TSTTrainer(Trainer):
         if hasattr(self.loss_fn, "reset_slot_stats"):
             self.loss_fn.reset_slot_stats()
         super().train_step(iter(microbatches))
+
+    def _trace_batch(self, microbatches) -> None:
+        """``data.trace``: one line per step with a digest of everything served."""
+        digest = hashlib.sha1()
+        for input_dict, labels in microbatches:
+            for t in (input_dict["input"], labels):
+                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        shape = list(microbatches[0][0]["input"].shape)
+        with open(self._trace_path, "a") as f:
+            f.write(json.dumps({"step": self.step, "sha1": digest.hexdigest(), "input_shape": shape}) + "\n")
 
     def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
         if self._valid_mass is not None:

@@ -136,14 +136,46 @@ def _local_files(path: str, key: str) -> tuple[str, list[str]]:
     return builders.pop(), files
 
 
+def _first_non_utf8(files: list[str]) -> str | None:
+    """``"<file> (byte N)"`` of the first byte that is not UTF-8, or None."""
+    import codecs
+
+    for f in files:
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    return f"{f} (byte {max(0, offset + e.start - len(decoder.getstate()[0]))})"
+                offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return f"{f} (truncated character at the end)"
+    return None
+
+
+def _not_utf8_error(key: str, where: str) -> DataError:
+    return DataError(
+        f"{key}: {where} is not valid UTF-8; re-encode it (e.g. iconv -f latin1 -t utf-8) "
+        "or drop the bad bytes"
+    )
+
+
 def _load_local(path: str, key: str, text_field: str):
     import datasets
 
     builder, files = _local_files(path, key)
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise DataError(f"{key}: {path!r} holds no documents (empty files)")
     kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as e:  # surface the file and the reason in one line
+        bad = _first_non_utf8(files) if builder in ("text", "json") else None
+        if bad:
+            raise _not_utf8_error(key, bad) from e
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise DataError(f"{key}: cannot read {path!r}: {reason}") from e
     field = "text" if builder == "text" else text_field
@@ -153,7 +185,12 @@ def _load_local(path: str, key: str, text_field: str):
         )
     if len(ds) == 0:
         raise DataError(f"{key}: {path!r} holds no documents")
-    return ds.select_columns([field]), field
+    ds = ds.select_columns([field])
+    try:  # Arrow's own UTF-8 check of the text column, before any step runs
+        ds.data.table.validate(full=True)
+    except Exception as e:
+        raise _not_utf8_error(key, _first_non_utf8(files) or repr(path)) from e
+    return ds, field
 
 
 def build_source(
@@ -182,7 +219,7 @@ def build_source(
         if not path:
             raise DataError(f"{path_key}: required when {kind_key} = 'local'")
         ds, field = _load_local(path, path_key, data_cfg.text_field)
-        return map_style(lambda i: ds[i][field], len(ds))
+        return map_style(lambda i: ds[i][field] or "", len(ds))  # a null text is an empty document
     if kind == "hf":
         if not path:
             raise DataError(f"{path_key}: required when {kind_key} = 'hf' (a hub dataset name)")
