@@ -72,7 +72,7 @@ def _run(dump: Path, args, overrides: list[str]) -> None:
     with open(dump / "train.log", "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        sys.exit(f"bench_quality: run {dump.name} failed (rc={proc.returncode}); see {dump / 'train.log'}")
+        raise RuntimeError(f"bench_quality: run {dump.name} failed (rc={proc.returncode}); see {dump / 'train.log'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-freq", type=int, default=25)
     ap.add_argument("--nproc", type=int, default=1, help="processes per run (gloo on CPU)")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per process")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. 2 on 2 cores with --nproc 1)")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_quality")
     args = ap.parse_args(argv)
     if args.global_batch % args.nproc:
@@ -96,17 +97,27 @@ def main(argv: list[str] | None = None) -> int:
         arms[f"tst_s{s}"] = ["--tst.enable", "--tst.bag_size", str(s), "--tst.superposition_ratio", str(args.ratio)]
 
     plan = [(arm, seed) for seed in range(args.seeds) for arm in arms]
-    t0, done = time.perf_counter(), 0
-    for i, (arm, seed) in enumerate(plan):
+    todo = [(arm, seed) for arm, seed in plan if not _finished(args.out / f"{arm}_seed{seed}", args.steps)]
+    for arm, seed in plan:
+        if (arm, seed) not in todo:
+            print(f"{arm}_seed{seed}: done earlier, kept", flush=True)
+    t0 = time.perf_counter()
+
+    def one(item: tuple[str, int]) -> str:
+        arm, seed = item
         dump = args.out / f"{arm}_seed{seed}"
-        if _finished(dump, args.steps):
-            print(f"[{i + 1}/{len(plan)}] {dump.name}: done earlier, kept", flush=True)
-            continue
         _run(dump, args, arms[arm] + ["--debug.seed", str(seed), "--data.shuffle_seed", str(1000 + seed)])
-        done += 1
-        per_run = (time.perf_counter() - t0) / done
-        eta = time.strftime("%H:%M:%S", time.gmtime(per_run * (len(plan) - i - 1)))
-        print(f"[{i + 1}/{len(plan)}] {dump.name}: finished, {per_run:.0f} s per run, ETA {eta}", flush=True)
+        return dump.name
+
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(one, item) for item in todo]
+        for done, fut in enumerate(as_completed(futures), 1):
+            name = fut.result()
+            per_run = (time.perf_counter() - t0) / done
+            eta = time.strftime("%H:%M:%S", time.gmtime(per_run * (len(todo) - done)))
+            print(f"[{done}/{len(todo)}] {name}: finished, ETA {eta}", flush=True)
 
     runs = {arm: [cr.load_run(args.out / f"{arm}_seed{k}", f"{arm}_seed{k}") for k in range(args.seeds)] for arm in arms}
     report = build_report(runs, args)

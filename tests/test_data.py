@@ -143,6 +143,35 @@ def test_embedded_corpus_splits_are_disjoint_and_nonempty():
     assert "def " in embedded.read_document(train[0]) or len(embedded.read_document(train[0])) > 0
 
 
+def test_embedded_documents_are_chunks_that_tile_their_files():
+    docs = embedded.documents("train")
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for path, a, b in docs:
+        by_file.setdefault(path, []).append((a, b))
+    assert sorted(by_file) == sorted(embedded.document_paths("train"))
+    for path, bounds in by_file.items():  # chunks tile every file exactly, in order
+        text = embedded.read_document(path)
+        assert bounds[0][0] == 0 and bounds[-1][1] == len(text)
+        assert all(x[1] == y[0] for x, y in zip(bounds, bounds[1:]))
+    assert "".join(embedded.read_chunk(d) for d in docs[:50]) == "".join(
+        embedded.read_document(p) for p in dict.fromkeys(d[0] for d in docs[:50])
+    )[: sum(b - a for _, a, b in docs[:50])]
+    sizes = sorted(b - a for _, a, b in docs)
+    # no giant documents: the largest chunk is a few times the target, not a whole module
+    assert len(docs) > 4 * len(by_file) and sizes[-1] < 5 * embedded.CHUNK_CHARS
+
+
+def test_chunk_bounds_cut_after_blank_lines():
+    text = ("x" * 10 + "\n\n") * 5 + "tail"
+    bounds = embedded.chunk_bounds(text, target=20)
+    assert [text[a:b] for a, b in bounds][0] == ("x" * 10 + "\n\n") * 2
+    assert "".join(text[a:b] for a, b in bounds) == text
+    one_line_blocks = "\n".join(["y" * 30] * 10)  # no blank line: cut at a line end
+    bounds = embedded.chunk_bounds(one_line_blocks, target=40)
+    assert all(one_line_blocks[b - 1] == "\n" for _, b in bounds[:-1]) and len(bounds) > 1
+    assert embedded.chunk_bounds("") == [(0, 0)]
+
+
 def test_embedded_tokenizer_round_trips(tmp_path, monkeypatch):
     class Cfg:
         class model:

@@ -4,7 +4,8 @@ A source yields document texts for one data-parallel rank and is ``Stateful``: i
 state says exactly which documents were handed out, so a resumed run continues with
 the next document. ``training.dataset`` picks the kind:
 
-- ``embedded``: the stdlib corpus shipped with Python (:mod:`tst_titan.data.embedded`);
+- ``embedded``: the stdlib corpus shipped with Python, in file chunks
+  (:mod:`tst_titan.data.embedded`);
 - ``local``: ``training.dataset_path`` is a file, directory or glob of ``.jsonl`` /
   ``.json`` / ``.parquet`` (column ``data.text_field``) or ``.txt`` files (one
   document per paragraph), loaded map-style with Hugging Face ``datasets``;
@@ -213,8 +214,8 @@ def build_source(
         )
 
     if kind == "embedded":
-        paths = embedded.document_paths(split)
-        return map_style(lambda i: embedded.read_document(paths[i]), len(paths))
+        docs = embedded.documents(split)
+        return map_style(lambda i: embedded.read_chunk(docs[i]), len(docs))
     if kind == "local":
         if not path:
             raise DataError(f"{path_key}: required when {kind_key} = 'local'")
