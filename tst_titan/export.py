@@ -12,6 +12,7 @@ trained on next-token prediction; it is refused unless ``force=True``.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -69,13 +70,11 @@ def load_checkpoint_model(config_file: str, checkpoint: str, overrides: list[str
         raise CheckpointError(f"{ckpt}: not a complete DCP checkpoint (no .metadata)")
     step = checkpoint_step(ckpt)
 
-    import copy
-
     model_args = copy.deepcopy(spec.model_args[cfg.model.flavor])
     model_args.update_from_config(cfg)
     with torch.device("cpu"):
         model = spec.model_cls(model_args)
-    state = {k: v for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())
     check_model_shapes(state, str(ckpt))
     dcp.load(state, checkpoint_id=str(ckpt))
     model.load_state_dict(state)
