@@ -25,22 +25,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def train_cmd(
+    dump: Path, *overrides: str, nproc: int = 2, config: Path = TEST_CONFIG, module: str = "tst_titan.train"
+) -> list[str]:
+    """``torchrun -m <module>`` on CPU with gloo for one test job."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=localhost:{free_port()}",
+        "-m", module,
+        "--job.config_file", str(config),
+        "--job.dump_folder", str(dump),
+        *overrides,
+    ]
+
+
+def train_env(**extra: str) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
 def run_train(
     dump: Path, *overrides: str, nproc: int = 2, config: Path = TEST_CONFIG, timeout: int = 300,
     env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``torchrun -m tst_titan.train`` on CPU with gloo; returns the finished process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=localhost:{free_port()}",
-        "-m", "tst_titan.train",
-        "--job.config_file", str(config),
-        "--job.dump_folder", str(dump),
-        *overrides,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = train_cmd(dump, *overrides, nproc=nproc, config=config)
+    return subprocess.run(cmd, cwd=ROOT, env=train_env(**(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -20,13 +20,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TEST_CONFIG, free_port, losses, ok, run_train
+from conftest import ROOT, losses, ok, run_train, train_cmd, train_env
 
 HELPERS = ROOT / "tests" / "helpers"
 ARGS = (
@@ -68,16 +67,11 @@ def run_until_pause(dump: Path, log: Path, **pause: int) -> str:
     """Start the job; once rank 0 reaches the pause point, SIGKILL everything. Returns the log."""
     marker = dump.parent / f"{dump.name}.paused"
     marker.unlink(missing_ok=True)
-    env = {
-        **os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join([str(HELPERS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "FAULT_MARKER": str(marker), **{f"FAULT_PAUSE_{k.upper()}": str(v) for k, v in pause.items()},
-    }
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=localhost:{free_port()}", "-m", "fault_entry",
-        "--job.config_file", str(TEST_CONFIG), "--job.dump_folder", str(dump), *ARGS,
-    ]
+    env = train_env(
+        PYTHONPATH=os.pathsep.join([str(HELPERS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        FAULT_MARKER=str(marker), **{f"FAULT_PAUSE_{k.upper()}": str(v) for k, v in pause.items()},
+    )
+    cmd = train_cmd(dump, *ARGS, module="fault_entry")
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300

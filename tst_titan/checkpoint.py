@@ -21,17 +21,11 @@ from typing import Any
 import torch
 
 from tst_titan.data.loader import CheckpointMismatchError
+from tst_titan.data.sources import one_line_reason
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not belong to this model or cannot be read."""
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip()
-    # DCP's CheckpointException lists per-rank tracebacks: keep the last meaningful line.
-    lines = [l.strip() for l in text.splitlines() if l.strip() and not l.startswith(("Traceback", "  File"))]
-    return lines[-1] if lines else type(e).__name__
 
 
 def check_model_shapes(state_dict: dict[str, Any], checkpoint_id: str) -> None:
@@ -43,7 +37,7 @@ def check_model_shapes(state_dict: dict[str, Any], checkpoint_id: str) -> None:
         meta = FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
     except Exception as e:
         raise CheckpointError(
-            f"checkpoint {checkpoint_id}: cannot read its .metadata ({_reason(e)}); the checkpoint is "
+            f"checkpoint {checkpoint_id}: cannot read its .metadata ({one_line_reason(e)}); the checkpoint is "
             "damaged: delete the folder to resume from an earlier one"
         ) from e
     missing, wrong = [], []
@@ -84,7 +78,7 @@ def guard_checkpoint_loading(checkpointer) -> None:
                     raise cause
                 cause = cause.__cause__ or cause.__context__
             raise CheckpointError(
-                f"checkpoint {checkpoint_id} cannot be loaded ({_reason(e)}); it is damaged or "
+                f"checkpoint {checkpoint_id} cannot be loaded ({one_line_reason(e)}); it is damaged or "
                 "incomplete: delete the folder to resume from an earlier one"
             ) from e
 

@@ -37,6 +37,16 @@ class DataError(ValueError):
     """Missing, unreadable or unsuitable data; the message names the config key."""
 
 
+def one_line_reason(e: BaseException) -> str:
+    """The last meaningful line of an exception's message, for one-line user errors
+    (library errors and DCP's per-rank CheckpointException span many lines)."""
+    lines = [
+        line.strip() for line in str(e).splitlines()
+        if line.strip() and not line.startswith(("Traceback", "  File"))
+    ]
+    return lines[-1] if lines else type(e).__name__
+
+
 class MapStyleSource(Stateful):
     """Documents addressable by index; rank ``r`` of ``W`` reads every W-th of a
     per-epoch permutation."""
@@ -177,7 +187,7 @@ def _load_local(path: str, key: str, text_field: str):
         bad = _first_non_utf8(files) if builder in ("text", "json") else None
         if bad:
             raise _not_utf8_error(key, bad) from e
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        reason = one_line_reason(e)
         raise DataError(f"{key}: cannot read {path!r}: {reason}") from e
     field = "text" if builder == "text" else text_field
     if field not in ds.column_names:
@@ -233,7 +243,7 @@ def build_source(
                 path, data_cfg.hf_config or None, split=hf_split, streaming=True
             )
         except Exception as e:
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            reason = one_line_reason(e)
             raise DataError(f"{path_key}: cannot open Hugging Face dataset {path!r}: {reason}") from e
         ds = split_dataset_by_node(ds, rank=dp_rank, world_size=dp_world_size)
         return StreamingSource(ds, data_cfg.text_field, loop=loop)
