@@ -54,6 +54,15 @@ def run_train(
                           timeout=timeout)
 
 
+def run_entry(config: Path, *args: str) -> subprocess.CompletedProcess:
+    """One plain process (no torchrun): config errors must stop it before distributed init."""
+    return subprocess.run(
+        [sys.executable, "-m", "tst_titan.train", "--job.config_file", str(config), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"},
+    )
+
+
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         pytest.fail(f"run failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-20000:]}")

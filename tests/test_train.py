@@ -9,16 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TEST_CONFIG, losses, ok, resume_copy, rows, run_train
-
-def run_entry(config, *args: str) -> subprocess.CompletedProcess:
-    """One plain process (no torchrun): config errors must stop it before distributed init."""
-    return subprocess.run(
-        [sys.executable, "-m", "tst_titan.train", "--job.config_file", str(config), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"},
-    )
-
+from conftest import ROOT, TEST_CONFIG, losses, ok, resume_copy, rows, run_entry, run_train
 
 CKPT = ("--checkpoint.enable", "--checkpoint.interval", "2")
 ACCUM = ("--training.global_batch_size", "8")  # local 2 x dp 2 x 2 accumulation steps

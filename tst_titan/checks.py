@@ -18,11 +18,44 @@ def _check_dataset(kind: str, path: str | None, prefix: str) -> None:
             f"{prefix}.dataset: unknown dataset {kind!r}; use one of {list(DATASET_KINDS)} "
             "(a hub dataset is dataset = 'hf' with dataset_path = '<name>')"
         )
-    if kind in ("local", "hf") and not path:
+    if kind in ("local", "hf", "store") and not path:
         raise ConfigError(f"{prefix}.dataset_path: required when {prefix}.dataset = {kind!r}")
+
     if kind == "local":
         try:
             _local_files(path, f"{prefix}.dataset_path")
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _check_workers(kind: str, dl_cfg, prefix: str) -> None:
+    if dl_cfg.num_workers < 0:
+        raise ConfigError(f"{prefix}.dataloader.num_workers: must be >= 0, got {dl_cfg.num_workers}")
+    if kind == "hf" and dl_cfg.num_workers > 0:
+        raise ConfigError(
+            f"{prefix}.dataloader.num_workers: a streamed hub dataset ({prefix}.dataset = 'hf') "
+            "is read in the training process (the datasets library would split its shards "
+            "among workers); set it to 0, or prepare a token store with "
+            "scripts/prepare_data.py and use dataset = 'store'"
+        )
+
+
+def _check_stores(job_config) -> None:
+    """Token stores: complete, undamaged and made with this run's tokenizer. Reads the
+    manifest and file sizes only: cheap, and before any distributed work."""
+    from tst_titan.data.store import TokenStore
+    from tst_titan.data.tokenizer import resolve_tokenizer_path
+
+    sections = [("training", job_config.training)]
+    if job_config.validation.enable:
+        sections.append(("validation", job_config.validation))
+    for prefix, sec in sections:
+        if sec.dataset != "store":
+            continue
+        try:
+            store = TokenStore(sec.dataset_path, f"{prefix}.dataset_path")
+            m = job_config.model
+            store.check_tokenizer(resolve_tokenizer_path(m.hf_assets_path, job_config.data.embedded_vocab_size))
         except DataError as e:
             raise ConfigError(str(e)) from None
 
@@ -80,9 +113,11 @@ def check_job_config(job_config, train_spec=None) -> None:
     if t.seq_len < 1 or t.local_batch_size < 1 or t.steps < 1:
         raise ConfigError("training: seq_len, local_batch_size and steps must be >= 1")
     _check_dataset(t.dataset, t.dataset_path, "training")
+    _check_workers(t.dataset, t.dataloader, "training")
     if job_config.validation.enable:
         v = job_config.validation
         _check_dataset(v.dataset, v.dataset_path, "validation")
+        _check_workers(v.dataset, v.dataloader, "validation")
     if m.hf_assets_path != "embedded":
         if not (Path(m.hf_assets_path) / "tokenizer.json").is_file():
             raise ConfigError(
@@ -96,6 +131,7 @@ def check_job_config(job_config, train_spec=None) -> None:
                 f"data.embedded_vocab_size: {job_config.data.embedded_vocab_size} exceeds the "
                 f"model's vocab_size {vocab} ({m.name} {m.flavor})"
             )
+    _check_stores(job_config)
     attn = getattr(train_spec.model_args[m.flavor], "attn_type", "sdpa") if train_spec else "sdpa"
     if job_config.tst.enable and attn != "sdpa":
         raise ConfigError(

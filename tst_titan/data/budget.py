@@ -55,7 +55,10 @@ def consumed_tokens_per_rank(plan: TSTPlan, samples_per_step: int) -> int:
 
 
 def estimate_rank_tokens(source, tokenizer) -> int | None:
-    """Tokens in one rank's share of a map-style source, from a fixed document sample."""
+    """Tokens in one rank's share of a map-style source, from a fixed document sample
+    (exact for a token store)."""
+    if hasattr(source, "rank_tokens_per_epoch"):
+        return source.rank_tokens_per_epoch()
     n = getattr(source, "num_documents", None)
     get = getattr(source, "get_document", None)
     if not n or get is None:

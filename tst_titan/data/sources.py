@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import glob
 import os
-import random
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 from torch.distributed.checkpoint.stateful import Stateful
 
 from tst_titan.data import embedded
 
-DATASET_KINDS = ("embedded", "local", "hf")
+DATASET_KINDS = ("embedded", "local", "hf", "store")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -45,6 +45,22 @@ def one_line_reason(e: BaseException) -> str:
         if line.strip() and not line.startswith(("Traceback", "  File"))
     ]
     return lines[-1] if lines else type(e).__name__
+
+
+def rank_order(
+    num_documents: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool = True
+) -> np.ndarray:
+    """Document indices rank ``rank`` of ``world`` reads in ``epoch``: every W-th entry of
+    a permutation drawn from ``seed + epoch`` (the identity when not shuffling).
+
+    Shared by text sources and token stores, so a store serves exactly the stream that
+    on-the-fly tokenization of the same documents would.
+    """
+    if shuffle:
+        order = np.random.default_rng(seed + epoch).permutation(num_documents)
+    else:
+        order = np.arange(num_documents)
+    return order[rank::world]
 
 
 class MapStyleSource(Stateful):
@@ -77,10 +93,7 @@ class MapStyleSource(Stateful):
         return len(range(self._rank, self.num_documents, self._world))
 
     def _rank_order(self, epoch: int) -> list[int]:
-        order = list(range(self.num_documents))
-        if self._shuffle:
-            random.Random(self._seed + epoch).shuffle(order)
-        return order[self._rank :: self._world]
+        return rank_order(self.num_documents, self._rank, self._world, self._seed, epoch, self._shuffle).tolist()
 
     def __iter__(self) -> Iterator[str]:
         while True:
