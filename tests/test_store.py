@@ -259,3 +259,24 @@ def test_hub_source_with_workers_is_refused(tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("tst-titan: error: training.dataloader.num_workers: a streamed hub dataset"), last
+
+
+def test_bench_data_prints_the_feed_ratios():
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_data.py", "--vocab", "2048", "--seq-len", "64", "--batch", "4",
+         "--seconds", "0.3", "--workers", "0", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    rows = re.findall(r"^(on the fly|token store) +workers=(\d): +([\d.]+)M data tokens/s", out, re.M)
+    assert len(rows) == 4, out
+    assert re.search(r"store, one loader process / 270M phase-1 need: [\d.]+x", out)
+    for shape in ("270M", "600M", "3B", "10B-A1B"):
+        assert re.search(rf"^  {shape} .*need +[\d.]+M data tokens/s", out, re.M), shape
