@@ -280,3 +280,26 @@ def test_bench_data_prints_the_feed_ratios():
     assert re.search(r"store, one loader process / 270M phase-1 need: [\d.]+x", out)
     for shape in ("270M", "600M", "3B", "10B-A1B"):
         assert re.search(rf"^  {shape} .*need +[\d.]+M data tokens/s", out, re.M), shape
+
+
+def test_validation_reads_a_held_out_store_the_same_way_every_pass(tmp_path, tokenizer, tok_dir):
+    """[validation] dataset = "store": documents in their stored order (no shuffle), and
+    every validation pass serves the same batches."""
+    from types import SimpleNamespace
+
+    from tst_titan.data.loader import build_validation_dataloader
+
+    texts = _write_jsonl(tmp_path / "v.jsonl", 30)
+    store = _prepare(tmp_path, tmp_path / "v.jsonl", tokenizer, tok_dir)
+    from torchtitan.config.job_config import DataLoader as DLCfg
+
+    v = SimpleNamespace(dataset="store", dataset_path=str(store), seq_len=16, steps=3,
+                        local_batch_size=2, dataloader=DLCfg())
+    cfg = SimpleNamespace(validation=v, data=Data())
+    loader = build_validation_dataloader(1, 0, tokenizer, cfg)
+    first = [b for _, b in zip(range(3), loader)]
+    second = [b for _, b in zip(range(3), loader)]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(first, second))
+    stream = np.concatenate([tokenizer.encode(t, add_bos=True, add_eos=True) for t in texts])
+    x0 = first[0][0]["input"][0]
+    assert torch.equal(x0, torch.from_numpy(stream[:16]))
