@@ -8,17 +8,52 @@ embedding and in the multi-hot loss.
 
     python scripts/bench_throughput.py                       # debug flavor, CPU or GPU
     python scripts/bench_throughput.py --flavor 270M --seq-len 2048 --batch 8   # on a GPU
+
+Precision follows single-device torchtitan training (``--precision bf16``, the default
+on CUDA): fp32 parameters and optimizer state, bf16 compute under torchtitan's own
+``maybe_enable_amp`` autocast. The model is never cast with ``.to(bfloat16)``: that
+would also cast llama3's complex RoPE buffer ``freqs_cis`` and drop its imaginary part
+(a warning only), timing a broken model.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+
+
+def build_model(flavor: str, seq_len: int, device: torch.device, precision: str):
+    """The benchmarked model and the autocast context of its forward passes.
+
+    ``precision="bf16"``: fp32 parameters, bf16 compute through torchtitan's
+    ``maybe_enable_amp`` (what a single-device torchtitan run uses); buffers, including
+    the complex ``freqs_cis``, are left as built. ``"fp32"``: no autocast.
+    """
+    import tst_titan  # noqa: F401  (CPU shims, specs)
+    from torchtitan.distributed.parallel_dims import ParallelDims
+    from torchtitan.distributed.utils import maybe_enable_amp
+
+    from tst_titan.model import TSTLlama3
+    from tst_titan.specs import tst_llama3_flavors
+
+    margs = dataclasses.replace(tst_llama3_flavors[flavor], max_seq_len=seq_len)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = TSTLlama3(margs)
+        with torch.no_grad():
+            model.init_weights()
+    if precision == "fp32":
+        return model, contextlib.nullcontext
+    if precision != "bf16":
+        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    single = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
+    return model, lambda: maybe_enable_amp(single, "bfloat16", device.type)
 
 
 def main() -> None:
@@ -29,23 +64,19 @@ def main() -> None:
     p.add_argument("--bag", type=int, default=6)
     p.add_argument("--steps", type=int, default=8, help="timed steps of each kind")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                   help="bf16: fp32 weights + bf16 autocast, as torchtitan on one device "
+                        "(default on CUDA); fp32 (default on CPU)")
     args = p.parse_args()
 
-    import tst_titan  # noqa: F401  (CPU shims, specs)
     from torchtitan.components.loss import cross_entropy_loss
     from tst_titan.loss import multi_hot_cross_entropy
-    from tst_titan.model import TSTLlama3
-    from tst_titan.specs import tst_llama3_flavors
 
     dev = torch.device(args.device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    margs = dataclasses.replace(tst_llama3_flavors[args.flavor], max_seq_len=args.seq_len)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = TSTLlama3(margs)
-        with torch.no_grad():
-            model.init_weights()
-    model.to(dtype)
+    precision = args.precision or ("bf16" if dev.type == "cuda" else "fp32")
+    model, autocast = build_model(args.flavor, args.seq_len, dev, precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # compute dtype
+    margs = model.model_args
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     B, L, s, V = args.batch, args.seq_len, args.bag, margs.vocab_size
 
@@ -61,8 +92,9 @@ def main() -> None:
         x, y = batch(bags)
         sync()
         t0 = time.perf_counter()
-        pred = model(x)
-        loss = multi_hot_cross_entropy(pred, y) if bags else cross_entropy_loss(pred, y)
+        with autocast():
+            pred = model(x)
+            loss = multi_hot_cross_entropy(pred, y) if bags else cross_entropy_loss(pred, y)
         (loss / (B * L)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -99,7 +131,8 @@ def main() -> None:
     emb_w = model.tok_embeddings.weight
 
     def bag_embed():
-        model.tok_embeddings(xb).sum().backward()
+        with autocast():
+            model.tok_embeddings(xb).sum().backward()
 
     logits = torch.randn(B, L, V, device=dev, dtype=dtype, requires_grad=True)
 
@@ -110,7 +143,7 @@ def main() -> None:
     emb_w.grad = None
     mp, mt = peak(False), peak(True)
 
-    print(f"device={dev} flavor={args.flavor} B={B} L={L} s={s} dtype={dtype} "
+    print(f"device={dev} flavor={args.flavor} B={B} L={L} s={s} precision={precision} "
           f"median of {args.steps} alternating steps")
     print(f"plain step {tp * 1e3:.1f} ms, TST phase-1 step {tt * 1e3:.1f} ms")
     print(f"data tokens/s  TST / plain: {s * tp / tt:.2f}   (limit {s})")
