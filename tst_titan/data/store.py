@@ -323,6 +323,17 @@ def source_texts(kind: str, path: str | None, split: str, data_cfg) -> TextSourc
                 yield [embedded.read_chunk(d) for d in docs[i : i + size]]
 
         return TextSource(desc, len(docs), batches)
+    if kind == "python_env":  # every .py file of this interpreter, deduplicated (pycorpus.py)
+        from tst_titan.data import pycorpus
+
+        py_docs = pycorpus.documents(split)
+        desc["corpus"] = pycorpus.fingerprint()
+
+        def batches(first: int, size: int) -> Iterator[list[str]]:
+            for i in range(first, len(py_docs), size):
+                yield [pycorpus.read_document(d) for d in py_docs[i : i + size]]
+
+        return TextSource(desc, len(py_docs), batches)
     if kind == "local":
         from tst_titan.data.sources import _load_local
 
@@ -360,7 +371,7 @@ def source_texts(kind: str, path: str | None, split: str, data_cfg) -> TextSourc
                 yield [t or "" for t in batch[data_cfg.text_field]]
 
         return TextSource(desc, total, batches)
-    raise DataError(f"--source: unknown source {kind!r}; use embedded, local or hf")
+    raise DataError(f"--source: unknown source {kind!r}; use embedded, python_env, local or hf")
 
 
 def _progress(total: int | None, initial: int):
