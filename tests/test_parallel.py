@@ -3,6 +3,10 @@
 Every layout starts from the same seed checkpoint (model weights written by one
 process), so runs with the same data-parallel degree see the same data and the same
 initial weights and their losses can be compared step by step.
+
+With ``TST_SHARED_GPU=1`` on a CUDA machine (what ``scripts/gpu_check.sh`` sets), the
+multi-process layouts run as processes sharing GPU 0 over gloo
+(``scripts/gpu_check_train.py``): the same checks on one GPU.
 """
 
 from __future__ import annotations
@@ -10,15 +14,29 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port, losses, ok, rows, run_train
+from conftest import ROOT, free_port, losses, ok, rows, run_train, train_cmd, train_env
 
 STEPS = ("--training.steps", "6", "--tst.switch_step", "3")  # 3 superposition + 3 next-token
+# Ranks share GPU 0 over gloo (scripts/gpu_check_train.py): the GPU check's mode.
+SHARED_GPU = os.environ.get("TST_SHARED_GPU") == "1" and torch.cuda.is_available()
+BF16 = ("--training.mixed_precision_param", "bfloat16")
+
+
+def _train(dump, *overrides: str, nproc: int, env: dict | None = None) -> subprocess.CompletedProcess:
+    if not (SHARED_GPU and nproc > 1):
+        return run_train(dump, *overrides, nproc=nproc, env=env)
+    path = os.pathsep.join(p for p in (str(ROOT / "scripts"), os.environ.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        train_cmd(dump, *overrides, nproc=nproc, module="gpu_check_train"), cwd=ROOT,
+        env=train_env(PYTHONPATH=path, **(env or {})), capture_output=True, text=True, timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +55,8 @@ def layout_run(seed_ckpt, tmp_path_factory):
         if name not in cache:
             dump = tmp_path_factory.mktemp(name)
             shutil.copytree(seed_ckpt, dump / "checkpoint" / "step-0")
-            proc = ok(run_train(dump, *STEPS, "--checkpoint.enable", "--checkpoint.interval", "100",
-                                *overrides, nproc=nproc, env=env))
+            proc = ok(_train(dump, *STEPS, "--checkpoint.enable", "--checkpoint.interval", "100",
+                             *overrides, nproc=nproc, env=env))
             got = losses(dump)
             assert sorted(got) == list(range(1, 7))
             assert [r["tst/phase"] for r in rows(dump) if "loss" in r] == [1, 1, 1, 2, 2, 2]
@@ -70,7 +88,7 @@ def test_tensor_parallel_resume_is_exact(layout_run, tmp_path):
     src = layout_run.cache["tp2ckpt:dump"]
     dump = tmp_path / "tp_resumed"
     shutil.copytree(src / "checkpoint" / "step-4", dump / "checkpoint" / "step-4")
-    ok(run_train(dump, *STEPS, "--checkpoint.enable", "--checkpoint.interval", "2", *tp_args))
+    ok(_train(dump, *STEPS, "--checkpoint.enable", "--checkpoint.interval", "2", *tp_args, nproc=2))
     got = losses(dump)
     assert sorted(got) == [5, 6] and all(got[k] == ref[k] for k in got), (got, ref)
 
@@ -179,13 +197,25 @@ def test_context_parallel_shards_whole_bags_and_their_labels(tmp_path):
 
 
 @pytest.mark.skipif(
-    torch.cuda.device_count() < 2,
-    reason="context-parallel training needs 2 CUDA GPUs: on CPU, torchtitan 0.2.2's CP fails "
-    "for plain training too (aten._scaled_dot_product_flash_attention_for_cpu has no CP "
-    "sharding rule; flex attention has no CPU backward)",
+    torch.cuda.device_count() < 2 and not SHARED_GPU,
+    reason="context-parallel training needs CUDA (2 GPUs, or TST_SHARED_GPU=1 on one): on "
+    "CPU, torchtitan 0.2.2's CP fails for plain training too "
+    "(aten._scaled_dot_product_flash_attention_for_cpu has no CP sharding rule; flex "
+    "attention has no CPU backward)",
 )
 def test_context_parallel_training_matches_single_process(layout_run):
-    single = layout_run("single", 1)
+    """bf16, like real CP runs: torch's CP shards SDPA through the cuDNN / flash kernels
+    (torchtitan's SDPA wrapper allows cuDNN, flash and math); in fp32 neither kernel
+    applies and the wrapper falls back to math, which CP cannot shard. Both runs compute
+    in bf16: CP through FSDP's bf16 parameters (torchtitan wraps the model over
+    dp_shard x cp), the single process through torchtitan's AMP."""
+    single = layout_run("single_bf16", 1, *BF16)
     cp = layout_run("cp2", 2, "--parallelism.context_parallel_degree", "2",
-                    "--parallelism.data_parallel_shard_degree", "1")
-    close(cp, single, 1e-2)  # CP reorders attention reductions; bf16-free but not bitwise
+                    "--parallelism.data_parallel_shard_degree", "1", *BF16)
+    assert "Applied Context Parallel to the model" in layout_run.cache["cp2:log"]
+    close(cp, single, 2e-2)  # bf16 rounding in different places, and CP reorders attention
+
+    def norms(name):
+        return [r["grad_norm"] for r in rows(layout_run.cache[name + ":dump"]) if "loss" in r]
+
+    assert norms("cp2") == pytest.approx(norms("single_bf16"), rel=5e-2)
