@@ -85,9 +85,10 @@ def check_tst(job_config) -> None:
             f"tst.switch_step: must be in [0, training.steps={steps}), got {k!r} "
             "(a run that never switches does not recover)"
         )
+    par = job_config.parallelism
+    _check_fused_loss(tst, par)
     if not tst.enable:
         return
-    par = job_config.parallelism
     if par.pipeline_parallel_degree > 1:
         raise ConfigError(
             "parallelism.pipeline_parallel_degree: pipeline parallel is not supported with "
@@ -98,6 +99,22 @@ def check_tst(job_config) -> None:
             "parallelism.expert_parallel_degree: expert parallel is not yet validated with "
             "TST; set it to 1 (experts are still sharded by FSDP)"
         )
+
+
+def _check_fused_loss(tst, par) -> None:
+    if not tst.fused_loss:
+        return
+    c = tst.fused_loss_chunk_size
+    if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+        raise ConfigError(f"tst.fused_loss_chunk_size: must be an integer >= 1, got {c!r}")
+    if par.tensor_parallel_degree > 1:
+        raise ConfigError(
+            "tst.fused_loss: not supported with tensor parallel (parallelism."
+            "tensor_parallel_degree > 1: no vocab-parallel fused head yet); set it to false "
+            "to use loss_parallel"
+        )
+    if par.pipeline_parallel_degree > 1:
+        raise ConfigError("tst.fused_loss: not supported with pipeline parallel; set it to false")
 
 
 def check_job_config(job_config, train_spec=None) -> None:

@@ -40,6 +40,15 @@ class TST:
     """continue: optimizer state and LR schedule run on through the switch (paper).
     reset_optimizer: clear optimizer state and restart LR warm-up at the switch."""
 
+    fused_loss: bool = False
+    """Compute the output projection and the loss together over row chunks, so the
+    [N, V] logits never exist at once (multi-hot in phase 1, cross-entropy in phase 2
+    and validation); works with or without tst.enable. Not with tensor parallel."""
+
+    fused_loss_chunk_size: int = 1024
+    """Positions per chunk of tst.fused_loss: one chunk's logits (chunk x vocab) are
+    alive at a time; larger chunks mean fewer, larger matmuls."""
+
 
 @dataclass
 class Data:

@@ -12,10 +12,14 @@ Two implementations of the same formula:
 
 - plain tensors: :class:`_FusedMultiHotCE`, one logsumexp per position shared by
   all s slots, and a hand-written backward that builds the gradient in ONE buffer of
-  the logits' size (softmax * mass - scatter(w)), never s of them;
+  the logits' size and dtype (softmax * mass - onehot(w)), never s of them and never
+  an fp32 [N, V] copy (row chunks in eager; one fused kernel under torch.compile);
 - vocab-sharded DTensor logits (tensor parallel with ``loss_parallel``): one
   ``log_softmax`` and s ``nll_loss`` gathers, the two ops ``loss_parallel`` shards
   along the vocabulary without gathering the logits.
+
+With ``[tst] fused_loss`` the model's output module computes the loss itself
+(:mod:`tst_titan.fused_loss`) and hands :class:`TSTLoss` a ``HeadLoss``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
 
+from tst_titan.fused_loss import HeadLoss, multi_hot_logit_grad
+
 
 def _check_weights(weights: torch.Tensor | None, s: int, device) -> torch.Tensor:
     if weights is None:
@@ -36,14 +42,32 @@ def _check_weights(weights: torch.Tensor | None, s: int, device) -> torch.Tensor
     return weights.to(device=device, dtype=torch.float32)
 
 
+def _rows_per_chunk(n_cols: int) -> int:
+    """Eager row chunks of about 16M elements: fp32 temporaries of 64 MiB, whatever V."""
+    return max(1, (1 << 24) // max(1, n_cols))
+
+
 class _FusedMultiHotCE(torch.autograd.Function):
-    """sum_n sum_j w_j * valid_nj * (lse_n - z[n, t_nj]); returns (loss, per-slot CE sums)."""
+    """sum_n sum_j w_j * valid_nj * (lse_n - z[n, t_nj]); returns (loss, per-slot CE sums).
+
+    No fp32 [N, V] buffer is ever built. Eager: the logsumexp and the gradient are
+    computed over row chunks, the gradient written chunk by chunk into ONE buffer of the
+    logits' dtype. Compiled: one expression per pass (the one-hot weights from
+    comparisons against the targets, not a scatter) that inductor fuses into a
+    reduction and one pointwise kernel with an output in the logits' dtype.
+    """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, wv: torch.Tensor):
         # logits [N, V] (any float dtype), targets [N, s] (ignored ones clamped to 0),
         # wv [N, s] fp32 = w_j * valid_nj
-        lse = torch.logsumexp(logits.float(), dim=-1)  # [N], once per position
+        if torch.compiler.is_compiling():
+            lse = torch.logsumexp(logits.float(), dim=-1)
+        else:
+            lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+            step = _rows_per_chunk(logits.shape[1])
+            for a in range(0, logits.shape[0], step):
+                lse[a : a + step] = torch.logsumexp(logits[a : a + step].float(), dim=-1)
         picked = logits.gather(-1, targets).float()  # [N, s]
         ce = lse.unsqueeze(-1) - picked  # [N, s]
         ctx.save_for_backward(logits, targets, wv, lse)
@@ -55,10 +79,19 @@ class _FusedMultiHotCE(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor, grad_slots: torch.Tensor):
         logits, targets, wv, lse = ctx.saved_tensors
         # d loss / d z = mass_n * softmax(z_n) - sum_j wv_nj * onehot(t_nj)
-        grad = torch.exp(logits.float() - lse.unsqueeze(-1))  # the single [N, V] buffer
-        grad.mul_(wv.sum(-1, keepdim=True) * grad_loss)
-        grad.scatter_add_(-1, targets, -wv * grad_loss)
-        return grad.to(logits.dtype), None, None
+        wv = wv * grad_loss
+        mass = wv.sum(-1, keepdim=True)
+        if torch.compiler.is_compiling():
+            return multi_hot_logit_grad(logits.float(), lse, targets, wv, mass).to(logits.dtype), None, None
+        grad = torch.empty_like(logits)  # the single [N, V] buffer, in the logits' dtype
+        step = _rows_per_chunk(logits.shape[1])
+        for a in range(0, logits.shape[0], step):
+            rows = slice(a, a + step)
+            z = logits[rows].float()
+            z.sub_(lse[rows].unsqueeze(-1)).exp_().mul_(mass[rows])
+            z.scatter_add_(-1, targets[rows], -wv[rows])
+            grad[rows] = z
+        return grad, None, None
 
 
 def _multi_hot_ce_with_slots(
@@ -143,6 +176,7 @@ class TSTLoss:
 
     def __init__(self, weights: torch.Tensor, compile_fn: Callable | None = None):
         self.weights = weights
+        self._device_weights: dict[torch.device, torch.Tensor] = {}
         self._mce = _multi_hot_ce_with_slots
         self._ce = cross_entropy_loss
         if compile_fn is not None:
@@ -150,11 +184,24 @@ class TSTLoss:
             self._ce = compile_fn(self._ce)
         self.reset_slot_stats()
 
+    def weights_on(self, device: torch.device) -> torch.Tensor:
+        """The slot weights on ``device``, copied there once (no host copy per step)."""
+        device = torch.device(device)
+        w = self._device_weights.get(device)
+        if w is None:
+            w = self._device_weights[device] = self.weights.to(device=device, dtype=torch.float32)
+        return w
+
     def reset_slot_stats(self) -> None:
         self.slot_sums: torch.Tensor | None = None
         self.slot_counts: torch.Tensor | None = None
 
-    def __call__(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, pred: torch.Tensor | HeadLoss, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(pred, HeadLoss):
+            # tst.fused_loss: the model's head already computed the loss (chunked).
+            if labels.dim() == 3:  # bags [B, L, s]: keep the per-slot statistics
+                self._record(pred.slot_sums, pred.slot_counts)
+            return pred.loss_sum
         if labels.dim() == pred.dim() - 1:
             return self._ce(pred, labels)
         if labels.dim() != pred.dim():
@@ -166,13 +213,16 @@ class TSTLoss:
             loss = self._ce(pred, labels.squeeze(-1))
             sums, counts = loss.detach().reshape(1), (labels != IGNORE_INDEX).sum().reshape(1)
         else:
-            loss, sums, counts = self._mce(pred, labels, self.weights.to(labels.device))
+            loss, sums, counts = self._mce(pred, labels, self.weights_on(labels.device))
+        self._record(sums, counts)
+        return loss
+
+    def _record(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
         if self.slot_sums is None:
             self.slot_sums, self.slot_counts = sums.float(), counts
         else:
             self.slot_sums = self.slot_sums + sums.float()
             self.slot_counts = self.slot_counts + counts
-        return loss
 
 
 def build_tst_loss(job_config, **kwargs) -> TSTLoss:

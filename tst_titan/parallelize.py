@@ -49,9 +49,30 @@ def _finish(model: nn.Module, parallel_dims) -> nn.Module:
     return model
 
 
+def _maybe_fused_head(model: nn.Module, job_config) -> None:
+    """``[tst] fused_loss``: swap ``output`` for the loss-computing head before FSDP wraps
+    it (same weight and FQN), so FSDP's own hooks unshard it for the chunk loop."""
+    tst = getattr(job_config, "tst", None)
+    if tst is None or not tst.fused_loss or getattr(model, "output", None) is None:
+        return
+    from tst_titan.checks import ConfigError
+    from tst_titan.fused_loss import install_fused_head
+
+    if type(model.output) is not nn.Linear:
+        raise ConfigError(
+            f"tst.fused_loss: the output projection is a {type(model.output).__name__}, not a "
+            "plain nn.Linear (exclude 'output' from model converters, or turn fused_loss off)"
+        )
+    c = job_config.compile
+    backend = c.backend if c.enable and "loss" in c.components else None
+    install_fused_head(model, tst.fused_loss_chunk_size, backend)
+
+
 def parallelize_tst_llama3(model: nn.Module, parallel_dims, job_config) -> nn.Module:
+    _maybe_fused_head(model, job_config)
     return _finish(parallelize_llama(model, parallel_dims, job_config), parallel_dims)
 
 
 def parallelize_tst_qwen3(model: nn.Module, parallel_dims, job_config) -> nn.Module:
+    _maybe_fused_head(model, job_config)
     return _finish(parallelize_qwen3(model, parallel_dims, job_config), parallel_dims)

@@ -13,7 +13,9 @@ What it adds, each in the hook torchtitan provides for it:
   the batch digest when ``data.trace`` is on.
 - ``forward_backward_step``: divides by the global valid *weight mass* of the bag
   labels (the number of positions when nothing is ignored), not by the label count.
-- ``post_dataloading_process``: context-parallel sharding of [B, L, s] bags along L.
+- ``post_dataloading_process``: context-parallel sharding of [B, L, s] bags along L;
+  with ``tst.fused_loss``, arms the model's head with the labels of the forward that
+  follows (:mod:`tst_titan.fused_loss`).
 
 The phase itself is decided in one place, :meth:`tst_titan.schedule.TSTPlan.phase`.
 """
@@ -37,6 +39,7 @@ from tst_titan.checkpoint import guard_checkpoint_loading
 from tst_titan.checks import ConfigError, check_job_config, check_tokenizer_fits
 from tst_titan.data.budget import plan_budget
 from tst_titan.data.loader import TSTPackedDataset, samples_per_step
+from tst_titan.fused_loss import arm_fused_head
 from tst_titan.loss import valid_weight_mass
 from tst_titan.schedule import Phase, plan_from_job_config
 from tst_titan.specs import register_specs
@@ -202,6 +205,15 @@ class TSTTrainer(Trainer):
         )
 
     def post_dataloading_process(self, input_dict, labels):
+        out = self._post_dataloading_process(input_dict, labels)
+        # tst.fused_loss: the model's head computes the loss of these labels in the
+        # forward that follows (torchtitan's loss_fn then just returns it).
+        labels = out[1]
+        arm_fused_head(self.model_parts[0], labels,
+                       self.loss_fn.weights_on(labels.device) if labels.dim() == 3 else None)
+        return out
+
+    def _post_dataloading_process(self, input_dict, labels):
         inputs = input_dict["input"]
         if not (self.parallel_dims.cp_enabled and inputs.dim() == 3):
             return super().post_dataloading_process(input_dict, labels)

@@ -12,6 +12,7 @@ from torchtitan.components.validate import Validator
 from torchtitan.tools.logging import logger
 
 from tst_titan.data.loader import build_validation_dataloader
+from tst_titan.fused_loss import arm_fused_head
 
 
 class TSTValidator(Validator):
@@ -49,6 +50,11 @@ class TSTValidator(Validator):
                 "validation.steps = -1 reads the whole validation split; ranks with "
                 "unequal shares would hang, so prefer a fixed number of steps."
             )
+
+    def post_dataloading_process(self, input_dict, labels, model_parts):
+        out = super().post_dataloading_process(input_dict, labels, model_parts)
+        arm_fused_head(model_parts[0], out[1])  # tst.fused_loss: the head returns the loss
+        return out
 
 
 def build_tst_validator(**kwargs) -> TSTValidator:
