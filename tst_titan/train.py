@@ -24,10 +24,33 @@ from tst_titan import config as tst_config  # noqa: E402
 
 
 
+# The two ways to place the switch; a run gives one (tst_titan.checks.check_tst).
+_SWITCH_KEYS = ("superposition_ratio", "switch_step")
+
+
+def _cli_sets(argv: list[str], key: str) -> bool:
+    """Whether ``argv`` gives ``--tst.<key>`` (``_`` or ``-``, ``--k v`` or ``--k=v``)."""
+    names = {f"--tst.{key}", f"--tst.{key.replace('_', '-')}"}
+    return any(a.split("=", 1)[0] in names for a in argv)
+
+
 def parse_config(argv: list[str]) -> JobConfig:
-    """torchtitan's TOML + CLI parsing with the ``[tst]`` and ``[data]`` sections."""
+    """torchtitan's TOML + CLI parsing with the ``[tst]`` and ``[data]`` sections.
+
+    ``tst.superposition_ratio`` and ``tst.switch_step`` are two spellings of one
+    setting, so a command-line value of either replaces the TOML's value of the other
+    (``--tst.switch_step 300`` with a TOML that sets a ratio). Both given in the TOML,
+    or both on the command line, stay an error for ``check_tst``.
+    """
     merged = ConfigManager._merge_configs(JobConfig, tst_config.JobConfig)
-    return ConfigManager(config_cls=merged).parse_args(argv)
+    manager = ConfigManager(config_cls=merged)
+    config = manager.parse_args(argv)
+    on_cli = [k for k in _SWITCH_KEYS if _cli_sets(argv, k)]
+    in_toml = [k for k in _SWITCH_KEYS if k in ((manager._maybe_load_toml(argv) or {}).get("tst") or {})]
+    if len(on_cli) == 1 and len(in_toml) < 2:
+        other = next(k for k in _SWITCH_KEYS if k != on_cli[0])
+        setattr(config.tst, other, None)  # not on the CLI: the TOML's value (or the default None)
+    return config
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
