@@ -32,6 +32,10 @@ LLAMA3_VOCAB = 128256  # the paper used the Llama-3 tokenizer, untied embeddings
 tst_llama3_flavors: dict[str, TransformerModelArgs] = {
     "tiny": TransformerModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=2048, rope_theta=500000),
     "debug": TransformerModelArgs(dim=256, n_layers=6, n_heads=16, vocab_size=2048, rope_theta=500000),
+    # The data-rich CPU study (train_configs/study_cpu.toml): a small model trained long.
+    "study": TransformerModelArgs(
+        dim=128, n_layers=4, n_heads=4, vocab_size=2048, multiple_of=128, rope_theta=500000,
+    ),  # 1.38M total (FFN hidden 384), 1.11M without the input embedding
     "270M": TransformerModelArgs(
         dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=LLAMA3_VOCAB,
         multiple_of=256, rope_theta=500000,
