@@ -14,9 +14,11 @@ phases, and counts data tokens separately. Added TensorBoard scalars:
 - ``tst/positions_seen``, ``tst/train_flops``: cumulative model positions and training
   FLOPs (equal in both phases per step), the compute axis of ``scripts/compare_runs.py``
 - text ``tst/plan``: the phase plan and the data budget (tokens per phase, epochs)
+- ``validation_metrics/loss_se``: standard error of the validation loss (from the
+  validator, :mod:`tst_titan.validate`)
 
 Rank 0 also appends every logged step to ``<dump_folder>/metrics.jsonl`` with the
-loss at full precision (for exact comparisons between runs, e.g. resume tests).
+loss (and ``validation_loss``, ``validation_loss_se``) at full precision (for exact comparisons between runs, e.g. resume tests).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class TSTMetricsProcessor(MetricsProcessor):
         self.data_tokens_since_last_log = 0
         # Set by the trainer: (step, global_avg_loss) -> extra scalars of that step.
         self.tst_metrics_fn: Callable[[int, float], dict[str, Any]] | None = None
+        # Set by the validator during a pass: () -> extra validation scalars (the loss's
+        # standard error); a collective, called on every rank.
+        self.validation_metrics_fn: Callable[[], dict[str, Any]] | None = None
         self._progress_origin: tuple[int, float] | None = None
 
     def log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
@@ -70,8 +75,14 @@ class TSTMetricsProcessor(MetricsProcessor):
         )
 
     def log_validation(self, loss, step, extra_metrics=None):
-        super().log_validation(loss, step, extra_metrics)
-        self._write_row({"step": step, "validation_loss": float(loss)})
+        extra = dict(extra_metrics or {})
+        if self.validation_metrics_fn is not None:
+            extra.update(self.validation_metrics_fn())
+        super().log_validation(loss, step, extra)
+        row = {"step": step, "validation_loss": float(loss)}
+        if "validation_metrics/loss_se" in extra:
+            row["validation_loss_se"] = float(extra["validation_metrics/loss_se"])
+        self._write_row(row)
 
     def _append_jsonl(self, step: int, loss, grad_norm, extra: dict[str, Any]) -> None:
         row = {"step": step, "loss": float(loss), "grad_norm": float(grad_norm)}
