@@ -128,3 +128,15 @@ def test_readme_overrides_work_with_every_shipped_tst_config(path):
         assert (cfg.tst.switch_step, cfg.tst.superposition_ratio) in ((3, None), (None, 0.5))
         if "debug" in path.name:
             check_job_config(cfg, get_train_spec(cfg.model.name))
+
+
+def test_every_tst_override_in_the_readme_works_with_every_shipped_tst_config():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    overrides = sorted(set(re.findall(r"`(--tst\.[\w.-]+(?: [\w.]+)?)`", readme)))
+    assert "--tst.switch_step 120" in overrides and "--tst.bag_size 6" in overrides
+    for path in TST_CONFIGS:
+        for override in overrides:
+            cfg = _parse(path, *override.split())
+            check_tst(cfg)  # no refusal, e.g. no "not both" for a TOML that sets a ratio
