@@ -54,6 +54,46 @@ def test_resume_reproduces_losses_exactly(tst_reference, tmp_path, resume_step):
         assert got[step] == ref[step], f"step {step}: {got[step]!r} != {ref[step]!r}"
 
 
+def _close(got: dict, ref: dict, rtol: float = 1e-5) -> None:
+    for step in got:
+        assert abs(got[step] - ref[step]) <= rtol * abs(ref[step]), f"step {step}: {got[step]!r} vs {ref[step]!r}"
+
+
+FUSED = ("--tst.fused_loss", "--tst.fused_loss_chunk_size", "24")  # 64 positions/microbatch: 3 chunks
+
+
+def test_fused_loss_trains_like_the_unfused_loss(tst_reference, tmp_path):
+    """tst.fused_loss across the switch, 2 ranks (FSDP), 2 accumulation steps, validation
+    on: the same losses, grad norms and per-slot CEs as the reference to float tolerance."""
+    ref_dump, _ = tst_reference
+    dump = tmp_path / "fused"
+    proc = ok(run_train(dump, *CKPT, *ACCUM, *FUSED, "--validation.enable"))
+    assert "tst.fused_loss: output projection + loss in chunks of 24 positions" in proc.stdout + proc.stderr
+    got, ref = losses(dump), losses(ref_dump)
+    assert sorted(got) == list(range(1, 9))
+    _close(got, ref)
+    by_step = lambda d: {r["step"]: r for r in rows(d) if "loss" in r}  # noqa: E731
+    a, b = by_step(dump), by_step(ref_dump)
+    for k in range(1, 9):
+        assert a[k]["grad_norm"] == pytest.approx(b[k]["grad_norm"], rel=1e-4)
+    for k in range(1, 5):
+        for j in range(1, 5):
+            assert a[k][f"tst/slot_ce/{j}"] == pytest.approx(b[k][f"tst/slot_ce/{j}"], rel=1e-5)
+    val = [r["validation_loss"] for r in rows(dump) if "validation_loss" in r]
+    assert len(val) >= 2 and all(math.isfinite(v) for v in val)
+
+
+def test_fused_loss_resumes_from_an_unfused_checkpoint(tst_reference, tmp_path):
+    """Same checkpoint keys: a fused run resumed at the switch continues the reference."""
+    ref_dump, _ = tst_reference
+    dump = tmp_path / "fused_resumed"
+    resume_copy(ref_dump, dump, 4)
+    ok(run_train(dump, *CKPT, *ACCUM, *FUSED))
+    got = losses(dump)
+    assert sorted(got) == [5, 6, 7, 8]
+    _close(got, losses(ref_dump))
+
+
 def test_changed_data_parallel_degree_is_refused(tst_reference, tmp_path):
     ref_dump, _ = tst_reference
     dump = tmp_path / "one_rank"
