@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -17,13 +18,27 @@ def _run(*args: str) -> str:
     return proc.stdout
 
 
-def test_bench_loss_prints_ratios():
-    out = _run("scripts/bench_loss.py", "--positions", "64", "--vocab", "512", "--bag", "4", "--reps", "1")
+def test_bench_loss_prints_ratios(tmp_path):
+    # eager variants only (the compiled ones compile for ~20 s each; figures in docs/)
+    rows_path = tmp_path / "rows.json"
+    out = _run("scripts/bench_loss.py", "--positions", "512", "--vocab", "8192", "--dim", "32", "--bag", "4",
+               "--chunk", "64", "--reps", "1", "--variants", "ce_eager,s_ces_eager,mce_eager,fused_eager",
+               "--json", str(rows_path))
     m = re.search(r"multi_hot / one CE:\s+time ([\d.]+)x, memory ([\d.]+)x", out)
     assert m, out
     # s separate cross-entropies need more memory than the shared-logsumexp loss
     s_ratio = re.search(r"multi_hot / s CEs:\s+time [\d.]+x, memory ([\d.]+)x", out)
     assert s_ratio and float(s_ratio.group(1)) < 1.0, out
+    # the fused head never holds the [N, V] logits: less than the stock path's peak
+    f = re.search(r"fused / one CE, eager:\s+time [\d.]+x, memory ([\d.]+)x", out)
+    assert f and float(f.group(1)) < 0.5, out
+    import json
+
+    rows = {r["variant"]: r for r in json.loads(rows_path.read_text())}
+    assert set(rows) == {"ce_eager", "s_ces_eager", "mce_eager", "fused_eager"}
+    for r in rows.values():
+        assert r["device"] == "cpu" and r["time_ms"] > 0 and r["peak_mem_bytes"] > 0
+        assert r["max_rel_err_loss"] < 1e-4 and r["max_rel_err_grad_w"] < 2e-2  # bf16 h, W
 
 
 def test_bench_throughput_prints_ratios():
@@ -37,36 +52,52 @@ def test_bench_throughput_prints_ratios():
 
 
 def test_bench_quality_and_compare_runs(tmp_path):
-    """bench_quality's smoke size: a baseline and a TST run, then compare_runs on them."""
+    """The study runner's smoke path (tiny model, embedded corpus): every group of runs (main,
+    long baseline, length sweep, ablation), results/*.json, the report and its plots; a rerun
+    keeps finished runs; then compare_runs on a baseline/TST pair."""
     out = tmp_path / "bq"
-    text = _run("scripts/bench_quality.py", "--steps", "6", "--seeds", "1", "--bag-sizes", "4",
-                "--global-batch", "2", "--val-freq", "2", "--out", str(out))
-    assert "| baseline | off | 6 |" in text and "| tst_s4 | s=4, switch after 2 | 6 |" in text, text
-    assert (out / "compare.png").stat().st_size > 10_000 and (out / "report.md").exists()
+    smoke = ("scripts/bench_quality.py", "--smoke", "--jobs", "2", "--seeds", "1", "--lengths",
+             "--ablations", "tst_reset_optimizer", "--out", str(out))
+    text = _run(*smoke)
+    runs = ["baseline_seed0", "tst_s6_seed0", "baseline_x2_seed0", "tst_reset_optimizer_seed0", "tst_s6_x2_seed0"]
+    for name in runs:
+        res = json.loads((out / "results" / f"{name}.json").read_text())
+        assert res["final_step"] == res["spec"]["steps"] and res["final_se"] > 0, name
+    report = (out / "report.md").read_text()
+    for heading in ("## Every run", "## Equal FLOPs, main length", "## Equal-loss speed-up",
+                    "## Ablations", "## Equal-FLOPs gap against run length"):
+        assert heading in report, heading
+    assert "| tst_reset_optimizer_seed0 | ablation | 8 |" in report
+    assert "| x2 | 16 |" in report and "| x1 (main) | 8 |" in report
+    # two at a time: every run shared the machine with another one
+    shared = [l.split("|")[-2].strip() for l in report.splitlines() if l.startswith("| baseline_seed0 | main")]
+    assert shared and shared[0] != "-", report
+    for png in ("curves_main.png", "curves_ablations.png", "gap_vs_length.png"):
+        assert (out / png).stat().st_size > 10_000, png
+    assert "ETA" in text
     # finished runs are kept on a second call
-    assert "done earlier, kept" in _run("scripts/bench_quality.py", "--steps", "6", "--seeds", "1",
-                                        "--bag-sizes", "4", "--global-batch", "2", "--val-freq", "2",
-                                        "--out", str(out))
+    again = _run(*smoke)
+    assert again.count("done earlier, kept") == len(runs) and "(0 to do)" in again
 
-    table = _run("scripts/compare_runs.py", str(out / "baseline_seed0"), str(out / "tst_s4_seed0"),
+    table = _run("scripts/compare_runs.py", str(out / "runs" / "baseline_seed0"), str(out / "runs" / "tst_s6_seed0"),
                  "--out", str(tmp_path / "cmp"))
     rows = [l for l in table.splitlines() if l.startswith("| ")]
     assert rows[0].startswith("| run | TST | final step | final val loss |") and len(rows) == 3
-    assert rows[2].startswith("| tst_s4_seed0 | s=4, switch after 2 | 6 | ")
-    # data tokens read: the TST run reads 4x per phase-1 step (2 of 6 steps)
+    assert rows[2].startswith("| tst_s6_seed0 | s=6, switch after 2 | 8 | ")
+    # data tokens read: the TST run reads 6x per phase-1 step (2 of 8 steps)
     base_tokens = int(rows[1].split("|")[-2].replace(",", ""))
     tst_tokens = int(rows[2].split("|")[-2].replace(",", ""))
-    assert tst_tokens * 6 == base_tokens * (2 * 4 + 4)
+    assert tst_tokens * 8 == base_tokens * (2 * 6 + 6)
     assert (tmp_path / "cmp" / "compare.png").exists() and (tmp_path / "cmp" / "compare.md").exists()
 
     # the phase plan and the data budget are in TensorBoard as text
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(next((out / "tst_s4_seed0").rglob("events.out.tfevents*"))))
+    acc = EventAccumulator(str(next((out / "runs" / "tst_s6_seed0").rglob("events.out.tfevents*"))))
     acc.Reload()
     tag = next(t for t in acc.Tags()["tensors"] if t.startswith("tst/plan"))
     plan_text = acc.Tensors(tag)[0].tensor_proto.string_val[0].decode()
-    assert "TST plan: phase 1 (superposition, s=4" in plan_text and "data budget:" in plan_text
+    assert "TST plan: phase 1 (superposition, s=6" in plan_text and "data budget:" in plan_text
     assert "(phase 1: " in plan_text and "epochs)" in plan_text
 
     (tmp_path / "empty").mkdir()
@@ -96,3 +127,41 @@ def test_compare_runs_equal_loss_speedup_against_a_naive_reading():
     never = run("never", [10, 20], [6.0, 5.0])
     assert cr.equal_loss_speedup(base, never).step is None
     assert "not reached" in cr.markdown_table([base, never], base)
+
+
+def test_study_configs_are_twins_that_differ_only_in_tst():
+    """The data-rich CPU study's configs: same run but [tst] (and [job]'s folder/description)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    from tst_titan.checks import check_tst
+    from tst_titan.specs import register_specs, tst_llama3_flavors
+    from tst_titan.train import parse_config
+
+    base_f, tst_f = ROOT / "train_configs" / "study_cpu.toml", ROOT / "train_configs" / "tst_study_cpu.toml"
+    base, tst = tomllib.loads(base_f.read_text()), tomllib.loads(tst_f.read_text())
+    assert set(base) == set(tst)
+    for section in set(base) - {"job", "tst"}:
+        assert base[section] == tst[section], section
+    assert base["tst"] == {"enable": False}
+    assert tst["tst"]["bag_size"] == 6 and tst["tst"]["superposition_ratio"] == 0.3
+    # the comment gives the command that prepares the stores the configs read
+    for text in (base_f.read_text(), tst_f.read_text()):
+        assert "scripts/prepare_data.py --source python_env --split train" in text
+        assert "--out ./data/pyenv-train" in text and "--out ./data/pyenv-val" in text
+    register_specs()
+    for f in (base_f, tst_f):
+        cfg = parse_config(["--job.config_file", str(f)])
+        check_tst(cfg)
+        assert cfg.model.flavor == "study" and cfg.training.dataset == "store"
+        assert cfg.validation.dataset == "store" and cfg.checkpoint.enable
+        assert cfg.training.mixed_precision_param == "float32"
+    import torch
+
+    from tst_titan.model import TSTLlama3
+
+    with torch.device("meta"):
+        model = TSTLlama3(tst_llama3_flavors["study"])
+    assert sum(p.numel() for p in model.parameters()) == 1_377_408
