@@ -568,6 +568,15 @@ def _commit() -> str:
         return "unknown (no git)"
 
 
+def _torch_version() -> str:
+    try:
+        import torch
+
+        return torch.__version__
+    except Exception:  # noqa: BLE001
+        return "missing"
+
+
 def write_report(out: Path, header: dict, results: dict[str, dict]) -> None:
     lines = ["# tst-titan GPU check", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
@@ -606,7 +615,7 @@ def run_kit(out: Path, work: Path, only: list[str] | None, budgets: dict[str, in
     t_start = time.time()
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": _commit(),
-        "machine": f"{os.cpu_count()} CPU cores, " + ("CUDA" if cuda else "no CUDA"),
+        "machine": f"{os.cpu_count()} CPU cores, " + ("CUDA" if cuda else "no CUDA") + f", torch {_torch_version()}",
         "command": "bash scripts/gpu_check.sh " + str(out), "work directory": str(work),
         "kit deadline (s)": int(deadline),
     }
