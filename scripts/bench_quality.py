@@ -272,10 +272,13 @@ def _current_step(dump: Path) -> int:
     if not f.is_file():
         return 0
     try:
+        size = f.stat().st_size
         with open(f, "rb") as fh:
-            fh.seek(max(0, f.stat().st_size - 4096))
-            lines = fh.read().decode(errors="replace").splitlines()[1:] or [""]
-        return max(json.loads(l).get("step", 0) for l in lines if l.strip().startswith("{"))
+            fh.seek(max(0, size - 4096))
+            lines = fh.read().decode(errors="replace").splitlines()
+        if size > 4096:
+            lines = lines[1:]  # the first line may be cut
+        return max([json.loads(l).get("step", 0) for l in lines if l.strip().startswith("{")] or [0])
     except (ValueError, OSError):
         return 0
 
