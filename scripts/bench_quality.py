@@ -576,6 +576,8 @@ def plot_gap(points: list[dict], out_png: Path, params: int) -> None:
                     xytext=(6, 6), fontsize=8)
     ax.axhline(0, color="gray", linestyle=":")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(xs, [f"{x:.3g}" for x in xs])
     ax.set_xlabel(f"baseline data tokens per parameter ({params:,} parameters; TST reads 2.5x)")
     ax.set_ylabel("final val loss: TST − baseline (nats)")
     ax.set_title("Equal-FLOPs gap against run length (below 0: TST wins)")
