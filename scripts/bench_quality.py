@@ -392,14 +392,18 @@ def _store_line(path: str | None) -> str:
 def build_report(results: dict[str, Result], plan: list[RunSpec], args, meta: dict) -> str:
     by = {s.name: s for s in plan}
     main_steps = meta["main_steps"]
-    params = next(iter(results.values())).params if results else 0
+    params = meta["params"]
     pos = meta["positions_per_step"]
     share = shared_with(results)
     L = [
         f"# TST data-rich CPU study ({meta['date']})",
         "",
-        f"- Machine: {meta['machine']}; {args.jobs} run(s) at a time, {args.threads} thread(s) each.",
-        f"- Commit: {meta['commit']}. Command: `{meta['command']}`.",
+        f"- Machine: {meta['machine']}; "
+        + ("runs at a time and threads: see the study command." if args.report_only
+           else f"{args.jobs} run(s) at a time, {args.threads} thread(s) each."),
+        *[f"- Study invocation {i + 1}: started {inv['started']} at commit {inv['commit']}: `{inv['command']}`."
+          for i, inv in enumerate(meta.get("invocations", []))],
+        f"- This report: commit {meta['commit']}, `{meta['command']}`.",
         f"- Model: `{meta['flavor']}` flavor, {params:,} parameters; {pos:,} positions per step "
         f"(equal in both phases, so equal FLOPs per step); main length {main_steps} steps = "
         f"{main_steps * pos / max(params, 1):.2f} baseline data tokens per parameter.",
@@ -683,6 +687,13 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(facts, machine=_machine(), commit=_commit(), date=time.strftime("%Y-%m-%d"),
                 command=" ".join(["python scripts/bench_quality.py"] + (sys.argv[1:] if argv is None else argv)))
     (args.out / "results").mkdir(parents=True, exist_ok=True)
+    study_f = args.out / "study.json"  # every invocation that ran runs: when, commit, command
+    invocations = json.loads(study_f.read_text()) if study_f.is_file() else []
+    if not args.report_only:
+        invocations.append({"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                            "commit": meta["commit"], "command": meta["command"]})
+        _write_json(study_f, invocations)
+    meta["invocations"] = invocations
     results = load_results(args.out)
     todo = [s for s in plan if s.name not in results]
     for s in plan:
