@@ -55,12 +55,43 @@ def run_train(
 
 
 def run_entry(config: Path, *args: str) -> subprocess.CompletedProcess:
-    """One plain process (no torchrun): config errors must stop it before distributed init."""
-    return subprocess.run(
-        [sys.executable, "-m", "tst_titan.train", "--job.config_file", str(config), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"},
-    )
+    """``tst_titan.train.main`` as one plain process (no torchrun), in this interpreter.
+
+    Config errors must stop it before distributed init: with no ``MASTER_ADDR`` a run
+    that got past the checks fails in torch's rendezvous (exit 1), so nothing joins a
+    process group here. Run in-process because a fresh interpreter costs ~6 s of
+    imports per case and the suite has dozens of these. Returns what a subprocess would:
+    exit code and stderr (the ``tst-titan: error:`` line, or the traceback).
+    """
+    import contextlib
+    import io
+    import traceback
+
+    from tst_titan import train
+
+    argv = ["--job.config_file", str(config), *args]
+    env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
+    saved = {k: os.environ.get(k) for k in [*env, "MASTER_ADDR", "MASTER_PORT"]}
+    os.environ.update(env)
+    os.environ.pop("MASTER_ADDR", None)
+    os.environ.pop("MASTER_PORT", None)
+    out, err, rc = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                train.main(argv)
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:  # noqa: BLE001 - reported like an uncaught error in a process
+                traceback.print_exc()
+                rc = 1
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(["tst_titan.train", *argv], rc, out.getvalue(), err.getvalue())
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

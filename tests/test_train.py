@@ -159,7 +159,7 @@ def test_baseline_run_falls_and_leaves_tensorboard_and_checkpoints(tmp_path):
     [
         (("--tst.bag_size", "0"), "tst.bag_size"),
         (("--tst.switch_step", "8"), "tst.switch_step"),
-        (("--tst.superposition_ratio", "0.3"), "tst.switch_step"),  # both given
+        (("--tst.superposition_ratio", "0.3", "--tst.switch_step", "4"), "tst.switch_step"),  # both given
         (("--model.flavor", "nope"), "model.flavor"),
         (("--training.dataset", "local", "--training.dataset_path", "/nonexistent/x.jsonl"), "training.dataset_path"),
         (("--training.dataset", "c4"), "training.dataset"),

@@ -309,31 +309,29 @@ class TextSource:
     batches: Callable[[int, int], Iterator[list[str]]]
 
 
+def _listed_source(desc: dict, docs: list, read: Callable[[Any], str]) -> TextSource:
+    """A source whose documents are a list of handles, each read into its text by ``read``."""
+
+    def batches(first: int, size: int) -> Iterator[list[str]]:
+        for i in range(first, len(docs), size):
+            yield [read(d) for d in docs[i : i + size]]
+
+    return TextSource(desc, len(docs), batches)
+
+
 def source_texts(kind: str, path: str | None, split: str, data_cfg) -> TextSource:
     """The documents of a source the recipe reads, in the order training indexes them."""
     desc = {"kind": kind, "path": path, "split": split}
     if kind == "embedded":
         from tst_titan.data import embedded
 
-        docs = embedded.documents(split)
         desc["corpus"] = embedded.corpus_fingerprint()
-
-        def batches(first: int, size: int) -> Iterator[list[str]]:
-            for i in range(first, len(docs), size):
-                yield [embedded.read_chunk(d) for d in docs[i : i + size]]
-
-        return TextSource(desc, len(docs), batches)
+        return _listed_source(desc, embedded.documents(split), embedded.read_chunk)
     if kind == "python_env":  # every .py file of this interpreter, deduplicated (pycorpus.py)
         from tst_titan.data import pycorpus
 
-        py_docs = pycorpus.documents(split)
         desc["corpus"] = pycorpus.fingerprint()
-
-        def batches(first: int, size: int) -> Iterator[list[str]]:
-            for i in range(first, len(py_docs), size):
-                yield [pycorpus.read_document(d) for d in py_docs[i : i + size]]
-
-        return TextSource(desc, len(py_docs), batches)
+        return _listed_source(desc, pycorpus.documents(split), pycorpus.read_document)
     if kind == "local":
         from tst_titan.data.sources import _load_local
 
