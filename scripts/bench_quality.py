@@ -153,11 +153,11 @@ def build_plan(args, main_steps: int) -> list[RunSpec]:
         steps = max(4, round(main_steps * f))
         add(f"baseline_x{f:.3g}_seed0", "sweep", "baseline", 0, steps, False, [], sweep_passes)
         add(f"tst_s6_x{f:.3g}_seed0", "sweep", "tst_s6", 0, steps, True, tst, sweep_passes)
-    for arm in args.ablations:
-        add(f"{arm}_seed0", "ablation", arm, 0, main_steps, True, tst + ABLATIONS[arm], passes)
-    if args.long_factor > 0 and args.long_tst:
+    if args.long_factor > 0 and args.long_tst:  # before the ablations: longest runs first
         add(f"tst_s6_x{args.long_factor:g}_seed0", "sweep", "tst_s6", 0, long_steps, True, tst,
             args.long_val_passes)
+    for arm in args.ablations:
+        add(f"{arm}_seed0", "ablation", arm, 0, main_steps, True, tst + ABLATIONS[arm], passes)
     return plan
 
 
