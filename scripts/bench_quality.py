@@ -31,7 +31,8 @@ Resumable: a finished run writes ``results/<run>.json`` and is skipped by a reru
 unfinished run restarts from its own last checkpoint (or from scratch without one).
 Writes under ``--out``: ``runs/<run>/`` (dump folder: TensorBoard, metrics.jsonl,
 train.log, checkpoints), ``results/<run>.json``, ``report.md``, ``curves_main.png``,
-``curves_ablations.png`` (scripts/compare_runs.py's plots), ``gap_vs_length.png``.
+``curves_ablations.png``, ``curves_long.png`` (the longest baseline/TST pair; scripts/compare_runs.py's
+plots), ``gap_vs_length.png``.
 """
 
 from __future__ import annotations
@@ -532,7 +533,8 @@ def build_report(results: dict[str, Result], plan: list[RunSpec], args, meta: di
         L.append(f"| {p['label']} | {p['steps']} | {p['tpp_base']:.3g} | {p['tpp_tst']:.3g} "
                  f"| {p['base']:.4f} | {p['tst']:.4f} | {p['gap']:+.4f} ± {p['err']:.4f} ({p['err_kind']}) |")
     L += ["", "Plots: `curves_main.png` (seed-averaged main arms and the long baseline against "
-          "steps, data, wall-clock, FLOPs), `curves_ablations.png`, `gap_vs_length.png`."]
+          "steps, data, wall-clock, FLOPs), `curves_ablations.png`, `curves_long.png` (the longest baseline/TST "
+          "pair), `gap_vs_length.png`."]
     return "\n".join(L) + "\n"
 
 
@@ -610,6 +612,13 @@ def write_report(results: dict[str, Result], plan: list[RunSpec], args, meta: di
            if n in results]
     if len(abl) > 1:
         cr.plot(abl, abl[0], args.out / "curves_ablations.png", title="ablations, seed 0")
+    # the longest length with both arms: where the gain is (the sweep's data-rich end)
+    longest = max((s for s in plan if s.group == "sweep" and s.arm == "tst_s6" and s.name in results
+                   and s.name.replace("tst_s6_", "baseline_") in results), key=lambda s: s.steps, default=None)
+    if longest is not None and longest.steps > meta["main_steps"]:
+        pair = [results[longest.name.replace("tst_s6_", "baseline_")].run(), results[longest.name].run()]
+        cr.plot(pair, pair[0], args.out / "curves_long.png",
+                title=f"{meta['flavor']} flavor, {longest.steps} steps x {meta['positions_per_step']:,} positions")
     points = gap_points(results, plan, args)
     if points:
         plot_gap(points, args.out / "gap_vs_length.png", next(iter(results.values())).params)

@@ -72,7 +72,7 @@ def test_bench_quality_and_compare_runs(tmp_path):
     # two at a time: every run shared the machine with another one
     shared = [l.split("|")[-2].strip() for l in report.splitlines() if l.startswith("| baseline_seed0 | main")]
     assert shared and shared[0] != "-", report
-    for png in ("curves_main.png", "curves_ablations.png", "gap_vs_length.png"):  # ablations: its 2 references
+    for png in ("curves_main.png", "curves_ablations.png", "curves_long.png", "gap_vs_length.png"):  # ablations: its 2 references
         assert (out / png).stat().st_size > 10_000, png
     assert "ETA" in text
     # finished runs are kept on a second call
