@@ -11,6 +11,13 @@ final validation loss and the **equal-loss speed-up**: the steps, wall-clock and
 baseline needed for its final validation loss, divided by what the run needed to first
 reach it (linear interpolation between validation points).
 
+That in-run read compares points of one learning-rate schedule: with a decay at the end
+(WSD, cosine) no mid-run point is annealed, and the read understates a run whose gain
+shows in its final loss. Give **two or more baselines trained for different numbers of
+steps** and ``compare.md`` adds the annealed read: the steps a baseline trained for that
+long would need to reach each TST run's final loss, interpolated log-linearly in steps
+between the baselines' final losses (extrapolated past them, and marked so).
+
 The baseline is the first run without a superposition phase, or ``--baseline``. Wall-clock
 is the sum over event files of the time from each file's first to its last logged step
 (start-up and time between restarts are excluded). FLOPs come from ``tst/train_flops``
@@ -195,6 +202,63 @@ def equal_loss_speedup(baseline: Run, run: Run) -> SpeedUp:
     return SpeedUp(step, b / step, ratio(lambda r: r.wall), ratio(lambda r: r.flops))
 
 
+@dataclass
+class AnnealedSpeedUp:
+    baseline_steps: float | None  # steps of a baseline trained to reach the run's final loss
+    steps: float | None  # baseline_steps / the run's steps
+    flops: float | None  # the same in training FLOPs (baseline FLOPs per step from its nearest run)
+    extrapolated: bool  # the loss lies outside the baselines' final losses
+
+
+def annealed_speedup(baselines: list[Run], run: Run) -> AnnealedSpeedUp:
+    """Equal-loss speed-up on annealed endpoints: final loss of each baseline against log(steps),
+    piecewise linear, read at ``run``'s final loss (the two nearest endpoints outside the range)."""
+    ends = sorted({b.final_step: b for b in baselines}.values(), key=lambda b: b.final_step)
+    if len(ends) < 2:
+        raise RunError("the annealed read needs baselines of at least 2 different lengths")
+    target = run.final_loss
+    pairs = list(zip(ends, ends[1:]))
+    inside = [(a, b) for a, b in pairs if min(a.final_loss, b.final_loss) <= target <= max(a.final_loss, b.final_loss)]
+    if inside:
+        a, b = inside[0]
+    else:  # extrapolate from the end nearer the target
+        a, b = pairs[-1] if target < min(e.final_loss for e in ends) else pairs[0]
+    if a.final_loss <= b.final_loss:  # a longer baseline that is not better: no slope to read
+        return AnnealedSpeedUp(None, None, None, not inside)
+    la, lb = np.log(a.final_step), np.log(b.final_step)
+    t = (a.final_loss - target) / (a.final_loss - b.final_loss)
+    steps = float(np.exp(la + t * (lb - la)))
+    near = min(ends, key=lambda e: abs(np.log(e.final_step) - np.log(steps)))
+    flops_per_step = near.at(near.flops, near.final_step) / near.final_step
+    mine = run.at(run.flops, run.final_step)
+    return AnnealedSpeedUp(steps, steps / run.final_step,
+                           steps * flops_per_step / mine if mine > 0 else None, not inside)
+
+
+def annealed_table(runs: list[Run]) -> str:
+    """Rows for the TST runs against the baselines' annealed endpoints ('' if fewer than 2 lengths)."""
+    baselines = [r for r in runs if r.switch_step is None]
+    if len({b.final_step for b in baselines}) < 2:
+        return ""
+    ends = sorted(baselines, key=lambda b: b.final_step)
+    lines = [
+        "Against annealed baselines (each trained for its own length; final losses "
+        + ", ".join(f"{b.final_loss:.4f} at {b.final_step}" for b in ends)
+        + "), log-linear in steps:",
+        "",
+        "| run | final step | final val loss | baseline steps to that loss | speed-up: steps | FLOPs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        if r.switch_step is None:
+            continue
+        su = annealed_speedup(baselines, r)
+        mark = " (extrapolated)" if su.extrapolated and su.baseline_steps is not None else ""
+        lines.append(f"| {r.name} | {r.final_step} | {r.final_loss:.4f} "
+                     f"| {_fmt(su.baseline_steps, '.0f', 'no slope')}{mark} | {_x(su.steps)} | {_x(su.flops)} |")
+    return "\n".join(lines) + "\n"
+
+
 def pick_baseline(runs: list[Run], name: str | None) -> Run:
     if name is not None:
         for r in runs:
@@ -294,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = [load_run(d, n) for d, n in zip(args.runs, names)]
         baseline = pick_baseline(runs, args.baseline)
         table = markdown_table(runs, baseline)
+        annealed = annealed_table(runs)
+        if annealed:
+            table += "\n" + annealed
         out = Path(args.out)
         plot(runs, baseline, out / "compare.png")
     except RunError as e:

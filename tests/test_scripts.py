@@ -129,6 +129,39 @@ def test_compare_runs_equal_loss_speedup_against_a_naive_reading():
     assert "not reached" in cr.markdown_table([base, never], base)
 
 
+def test_compare_runs_annealed_speedup_against_a_naive_reading():
+    """Equal-loss read on baselines trained for different lengths: log-linear between their final
+    losses, extrapolated past them (and marked), against a hand computation."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import numpy as np
+
+    import compare_runs as cr
+
+    def run(name, final, loss, switch=None):
+        steps = np.array([1, final])
+        lin = cr.Series(steps, steps * 10.0)
+        return cr.Run(name, cr.Series(steps, np.array([8.0, loss])), lin, cr.Series(steps, steps * 2.0), lin, switch)
+
+    b1, b2, b3 = run("b1", 100, 4.0), run("b2", 200, 3.5), run("b3", 400, 3.2)
+    inside = cr.annealed_speedup([b3, b1, b2], run("t", 200, 3.3, switch=60))
+    # between b2 (3.5 at 200) and b3 (3.2 at 400): log2(steps/200) = 0.2 / 0.3
+    want = 200 * 2 ** (0.2 / 0.3)
+    assert inside.baseline_steps == pytest.approx(want) and not inside.extrapolated
+    assert inside.steps == pytest.approx(want / 200) and inside.flops == pytest.approx(want / 200)
+    beyond = cr.annealed_speedup([b1, b2, b3], run("t", 200, 3.0, switch=60))
+    assert beyond.extrapolated and beyond.baseline_steps == pytest.approx(400 * 2 ** (0.2 / 0.3))
+    worse = cr.annealed_speedup([b1, b2], run("t", 100, 4.5, switch=30))
+    assert worse.extrapolated and worse.baseline_steps == pytest.approx(100 * 2 ** (-0.5 / 0.5))
+    flat = cr.annealed_speedup([b1, run("b2", 200, 4.1)], run("t", 100, 3.0, switch=30))
+    assert flat.baseline_steps is None
+    with pytest.raises(cr.RunError):
+        cr.annealed_speedup([b1, run("again", 100, 3.9)], run("t", 100, 3.0, switch=30))
+    table = cr.annealed_table([b1, b2, b3, run("tst", 200, 3.0, switch=60)])
+    row = next(l for l in table.splitlines() if l.startswith("| tst |"))
+    assert f"| {400 * 2 ** (0.2 / 0.3):.0f} (extrapolated) | {2 * 2 ** (0.2 / 0.3):.2f}x |" in row
+    assert cr.annealed_table([b1, run("tst", 200, 3.0, switch=60)]) == ""  # one length: no table
+
+
 def test_study_configs_are_twins_that_differ_only_in_tst():
     """The data-rich CPU study's configs: same run but [tst] (and [job]'s folder/description)."""
     try:
