@@ -538,17 +538,21 @@ def build_report(results: dict[str, Result], plan: list[RunSpec], args, meta: di
     return "\n".join(L) + "\n"
 
 
+def sweep_pairs(results: dict[str, Result], plan: list[RunSpec]) -> list[tuple[RunSpec, Result, Result]]:
+    """The length sweep's finished (TST spec, baseline result, TST result) pairs, in plan order."""
+    pairs = []
+    for s in plan:
+        if s.group == "sweep" and s.arm == "tst_s6":
+            b, t = results.get(s.name.replace("tst_s6_", "baseline_")), results.get(s.name)
+            if b is not None and t is not None:
+                pairs.append((s, b, t))
+    return pairs
+
+
 def gap_points(results: dict[str, Result], plan: list[RunSpec], args) -> list[dict]:
     points = []
     main_seeds = sorted({s.seed for s in plan if s.group == "main"})
-    for s in plan:
-        if s.group != "sweep" or s.arm != "tst_s6":
-            continue
-        t = results.get(s.name)
-        bname = s.name.replace("tst_s6_", "baseline_")
-        b = results.get(bname)
-        if t is None or b is None:
-            continue
+    for s, b, t in sweep_pairs(results, plan):
         err = math.hypot(t.final_se or 0.0, b.final_se or 0.0)
         points.append(dict(label=s.name.split("_")[2], steps=s.steps, base=b.final_loss, tst=t.final_loss,
                            gap=t.final_loss - b.final_loss, err=err, err_kind="SE, one seed",
@@ -613,12 +617,12 @@ def write_report(results: dict[str, Result], plan: list[RunSpec], args, meta: di
     if len(abl) > 1:
         cr.plot(abl, abl[0], args.out / "curves_ablations.png", title="ablations, seed 0")
     # the longest length with both arms: where the gain is (the sweep's data-rich end)
-    longest = max((s for s in plan if s.group == "sweep" and s.arm == "tst_s6" and s.name in results
-                   and s.name.replace("tst_s6_", "baseline_") in results), key=lambda s: s.steps, default=None)
-    if longest is not None and longest.steps > meta["main_steps"]:
-        pair = [results[longest.name.replace("tst_s6_", "baseline_")].run(), results[longest.name].run()]
+    longest = max(sweep_pairs(results, plan), key=lambda p: p[0].steps, default=None)
+    if longest is not None and longest[0].steps > meta["main_steps"]:
+        spec, b, t = longest
+        pair = [b.run(), t.run()]
         cr.plot(pair, pair[0], args.out / "curves_long.png",
-                title=f"{meta['flavor']} flavor, {longest.steps} steps x {meta['positions_per_step']:,} positions")
+                title=f"{meta['flavor']} flavor, {spec.steps} steps x {meta['positions_per_step']:,} positions")
     points = gap_points(results, plan, args)
     if points:
         plot_gap(points, args.out / "gap_vs_length.png", next(iter(results.values())).params)

@@ -210,10 +210,15 @@ class AnnealedSpeedUp:
     extrapolated: bool  # the loss lies outside the baselines' final losses
 
 
+def annealed_ends(baselines: list[Run]) -> list[Run]:
+    """The baselines the annealed read uses, by length (of two with the same length, the later given)."""
+    return sorted({b.final_step: b for b in baselines}.values(), key=lambda b: b.final_step)
+
+
 def annealed_speedup(baselines: list[Run], run: Run) -> AnnealedSpeedUp:
     """Equal-loss speed-up on annealed endpoints: final loss of each baseline against log(steps),
     piecewise linear, read at ``run``'s final loss (the two nearest endpoints outside the range)."""
-    ends = sorted({b.final_step: b for b in baselines}.values(), key=lambda b: b.final_step)
+    ends = annealed_ends(baselines)
     if len(ends) < 2:
         raise RunError("the annealed read needs baselines of at least 2 different lengths")
     target = run.final_loss
@@ -237,10 +242,9 @@ def annealed_speedup(baselines: list[Run], run: Run) -> AnnealedSpeedUp:
 
 def annealed_table(runs: list[Run]) -> str:
     """Rows for the TST runs against the baselines' annealed endpoints ('' if fewer than 2 lengths)."""
-    baselines = [r for r in runs if r.switch_step is None]
-    if len({b.final_step for b in baselines}) < 2:
+    ends = annealed_ends([r for r in runs if r.switch_step is None])
+    if len(ends) < 2:
         return ""
-    ends = sorted(baselines, key=lambda b: b.final_step)
     lines = [
         "Against annealed baselines (each trained for its own length; final losses "
         + ", ".join(f"{b.final_loss:.4f} at {b.final_step}" for b in ends)
@@ -252,7 +256,7 @@ def annealed_table(runs: list[Run]) -> str:
     for r in runs:
         if r.switch_step is None:
             continue
-        su = annealed_speedup(baselines, r)
+        su = annealed_speedup(ends, r)
         mark = " (extrapolated)" if su.extrapolated and su.baseline_steps is not None else ""
         lines.append(f"| {r.name} | {r.final_step} | {r.final_loss:.4f} "
                      f"| {_fmt(su.baseline_steps, '.0f', 'no slope')}{mark} | {_x(su.steps)} | {_x(su.flops)} |")
