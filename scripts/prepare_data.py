@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", required=True, help="embedded | local | hf")
+    p.add_argument("--source", required=True, help="embedded | python_env | local | hf")
     p.add_argument("--path", help="local: file, directory or glob; hf: hub dataset name")
     p.add_argument("--split", default="train", choices=["train", "validation"])
     p.add_argument("--tokenizer", default="embedded",
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-config", default="", help="data.hf_config (hub)")
     p.add_argument("--hf-split", default="train", help="data.hf_split (hub, --split train)")
     p.add_argument("--hf-validation-split", default="validation", help="data.hf_validation_split")
+    p.add_argument("--packages", nargs="+", default=None,
+                   help="python_env: the standard library and only these installed packages "
+                        "(a corpus that other installs do not change)")
     p.add_argument("--out", required=True, help="the store directory to write")
     p.add_argument("--docs-per-shard", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(tok_dir) / "tokenizer.json").is_file():
             raise DataError(f"--tokenizer: no tokenizer.json in {tok_dir!r}")
         tokenizer = HuggingFaceTokenizer(tok_dir)
-        source = source_texts(args.source, args.path, args.split, data_cfg)
+        source = source_texts(args.source, args.path, args.split, data_cfg, packages=args.packages)
         prepare_store(source, tokenizer, tok_dir, args.out,
                       docs_per_shard=args.docs_per_shard or DOCS_PER_SHARD)
     except DataError as e:

@@ -36,6 +36,10 @@ tst_llama3_flavors: dict[str, TransformerModelArgs] = {
     "study": TransformerModelArgs(
         dim=128, n_layers=4, n_heads=4, vocab_size=2048, multiple_of=128, rope_theta=500000,
     ),  # 1.38M total (FFN hidden 384), 1.11M without the input embedding
+    # Its second size: 4x fewer non-embedding parameters (0.21M vs 0.85M; 0.48M total).
+    "study_small": TransformerModelArgs(
+        dim=64, n_layers=4, n_heads=4, vocab_size=2048, multiple_of=64, rope_theta=500000,
+    ),
     "270M": TransformerModelArgs(
         dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=LLAMA3_VOCAB,
         multiple_of=256, rope_theta=500000,

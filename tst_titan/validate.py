@@ -11,12 +11,19 @@ mean losses of all n validation sequences of all data-parallel ranks. It treats 
 sequences as independent; consecutive windows of one document are correlated, so it
 is a lower bound, and a difference between two runs on the same held-out set has a
 smaller standard error than either loss (the sequences are paired).
+
+Each pass also writes the per-sequence mean losses, in the order this rank read them,
+to ``<dump_folder>/validation/step-<step>-rank-<r>.npy`` (float64, a few tens of kB):
+the raw material for a standard error clustered by document or file and for paired
+differences between runs (:mod:`scripts/bench_quality.py` commits them).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
@@ -72,9 +79,22 @@ class TSTValidator(Validator):
         self.metrics_processor.validation_metrics_fn = lambda: self._standard_error(recorder)
         try:
             super().validate(model_parts, step)
+            self._save_sequence_losses(recorder, step)
         finally:
             self.loss_fn = loss_fn
             self.metrics_processor.validation_metrics_fn = None
+
+    def _save_sequence_losses(self, recorder: "_PerSequenceLoss", step: int) -> None:
+        # Context parallel: each rank holds a part of every sequence, nothing to save.
+        if recorder.unavailable or not recorder.sums or self.parallel_dims.cp_enabled:
+            return
+        sums = torch.stack(recorder.sums).cpu().double()
+        counts = torch.cat(recorder.counts).cpu().double()
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        folder = os.path.join(self.job_config.job.dump_folder, "validation")
+        os.makedirs(folder, exist_ok=True)
+        means = (sums / counts.clamp(min=1)).numpy()
+        np.save(os.path.join(folder, f"step-{step}-rank-{rank}.npy"), means)
 
     def _standard_error(self, recorder: "_PerSequenceLoss") -> dict[str, float]:
         if recorder.unavailable:  # tst.fused_loss: the head returned only the batch's sum

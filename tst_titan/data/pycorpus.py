@@ -88,9 +88,21 @@ _SPACE = re.compile(rb"\s+")
 Doc = tuple[str, int, int]  # (relative path "<root>/<path>", start char, end char)
 
 
-def default_roots() -> dict[str, Path]:
-    """``stdlib`` and every ``site-packages`` directory of the running interpreter."""
+def default_roots(packages: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """``stdlib`` and every ``site-packages`` directory of the running interpreter; with
+    ``packages``, ``stdlib`` and only those installed packages (a corpus that does not
+    drift when other packages are installed: pin the interpreter and those packages'
+    versions and it is the same on every machine)."""
     paths = sysconfig.get_paths()
+    if packages:
+        roots = {"stdlib": Path(paths["stdlib"])}
+        for name in packages:
+            found = [Path(p) / name for p in sorted({paths["purelib"], paths["platlib"]})
+                     if (Path(p) / name).is_dir()]
+            if not found:
+                raise FileNotFoundError(f"--packages: no installed package directory {name!r} in site-packages")
+            roots[name] = found[0]
+        return roots
     roots = {"stdlib": Path(paths["stdlib"])}
     site = sorted({paths["purelib"], paths["platlib"]})
     for i, p in enumerate(site):
@@ -403,26 +415,27 @@ def is_validation(rel_path: str, every: int = VALIDATION_EVERY) -> bool:
     return zlib.crc32(rel_path.encode()) % every == 0
 
 
-@functools.lru_cache(maxsize=1)
-def default_corpus() -> PyCorpus:
-    return PyCorpus()
+@functools.lru_cache(maxsize=4)
+def default_corpus(packages: tuple[str, ...] | None = None) -> PyCorpus:
+    """The running environment's corpus (all of it, or stdlib + ``packages``)."""
+    return PyCorpus(default_roots(packages) if packages else None)
 
 
-def documents(split: str) -> list[Doc]:
+def documents(split: str, packages: tuple[str, ...] | None = None) -> list[Doc]:
     """Documents of the running environment's corpus: (relative path, start, end)."""
-    return default_corpus().documents(split)
+    return default_corpus(packages).documents(split)
 
 
-def read_document(doc: Doc) -> str:
-    return default_corpus().read_document(doc)
+def read_document(doc: Doc, packages: tuple[str, ...] | None = None) -> str:
+    return default_corpus(packages).read_document(doc)
 
 
-def stats() -> dict[str, Any]:
-    return default_corpus().stats()
+def stats(packages: tuple[str, ...] | None = None) -> dict[str, Any]:
+    return default_corpus(packages).stats()
 
 
-def fingerprint() -> str:
-    return default_corpus().fingerprint()
+def fingerprint(packages: tuple[str, ...] | None = None) -> str:
+    return default_corpus(packages).fingerprint()
 
 
 if __name__ == "__main__":  # python -m tst_titan.data.pycorpus: scan (or read the cache), print stats

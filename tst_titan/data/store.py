@@ -319,8 +319,10 @@ def _listed_source(desc: dict, docs: list, read: Callable[[Any], str]) -> TextSo
     return TextSource(desc, len(docs), batches)
 
 
-def source_texts(kind: str, path: str | None, split: str, data_cfg) -> TextSource:
-    """The documents of a source the recipe reads, in the order training indexes them."""
+def source_texts(kind: str, path: str | None, split: str, data_cfg,
+                 packages: tuple[str, ...] | None = None) -> TextSource:
+    """The documents of a source the recipe reads, in the order training indexes them.
+    ``packages``: python_env only, stdlib + these installed packages."""
     desc = {"kind": kind, "path": path, "split": split}
     if kind == "embedded":
         from tst_titan.data import embedded
@@ -330,8 +332,15 @@ def source_texts(kind: str, path: str | None, split: str, data_cfg) -> TextSourc
     if kind == "python_env":  # every .py file of this interpreter, deduplicated (pycorpus.py)
         from tst_titan.data import pycorpus
 
-        desc["corpus"] = pycorpus.fingerprint()
-        return _listed_source(desc, pycorpus.documents(split), pycorpus.read_document)
+        packages = tuple(packages) if packages else None
+        try:
+            corpus = pycorpus.default_corpus(packages)
+        except FileNotFoundError as e:
+            raise DataError(str(e)) from None
+        desc["corpus"] = corpus.fingerprint()
+        if packages:
+            desc["packages"] = list(packages)
+        return _listed_source(desc, corpus.documents(split), corpus.read_document)
     if kind == "local":
         from tst_titan.data.sources import _load_local
 

@@ -1,0 +1,119 @@
+"""The comparison report of ``scripts/compare_runs.py``: markdown tables and the
+four-panel PNG (validation loss against steps, data tokens, wall-clock, FLOPs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tst_titan.analysis.runs import Run
+from tst_titan.analysis.speedup import SpeedUp, annealed_ends, annealed_speedup, equal_loss_speedup
+from tst_titan.errors import RunError
+
+def annealed_table(runs: list[Run]) -> str:
+    """Rows for the TST runs against the baselines' annealed endpoints ('' if fewer than 2 lengths)."""
+    ends = annealed_ends([r for r in runs if r.switch_step is None])
+    if len(ends) < 2:
+        return ""
+    lines = [
+        "Against annealed baselines (each trained for its own length; final losses "
+        + ", ".join(f"{b.final_loss:.4f} at {b.final_step}" for b in ends)
+        + "), log-linear in steps:",
+        "",
+        "| run | final step | final val loss | baseline steps to that loss | speed-up: steps | FLOPs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        if r.switch_step is None:
+            continue
+        su = annealed_speedup(ends, r)
+        mark = " (extrapolated)" if su.extrapolated and su.baseline_steps is not None else ""
+        lines.append(f"| {r.name} | {r.final_step} | {r.final_loss:.4f} "
+                     f"| {_fmt(su.baseline_steps, '.0f', 'no slope')}{mark} | {_x(su.steps)} | {_x(su.flops)} |")
+    return "\n".join(lines) + "\n"
+
+
+def pick_baseline(runs: list[Run], name: str | None) -> Run:
+    if name is not None:
+        for r in runs:
+            if r.name == name:
+                return r
+        raise RunError(f"--baseline {name}: not among the runs ({', '.join(r.name for r in runs)})")
+    for r in runs:
+        if r.switch_step is None:
+            return r
+    return runs[0]
+
+
+def _fmt(x: float | None, spec: str, none: str = "not reached") -> str:
+    return none if x is None else format(x, spec)
+
+
+def _x(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def markdown_table(runs: list[Run], baseline: Run, spread: dict[str, float] | None = None) -> str:
+    """One row per run: final validation loss and the equal-loss speed-up over the baseline."""
+    spread = spread or {}
+    lines = [
+        f"Baseline: **{baseline.name}**, final validation loss {baseline.final_loss:.4f} "
+        f"at step {baseline.final_step}.",
+        "",
+        "| run | TST | final step | final val loss | step reaching baseline loss "
+        "| speed-up: steps | wall-clock | FLOPs | data tokens read |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        tst = "off" if r.switch_step is None else f"s={r.bag_size}, switch after {r.switch_step}"
+        loss = f"{r.final_loss:.4f}"
+        if r.name in spread:
+            loss += f" ± {spread[r.name]:.4f}"
+        if r is baseline:
+            su = SpeedUp(float(r.final_step), 1.0, 1.0, 1.0)
+        else:
+            su = equal_loss_speedup(baseline, r)
+        lines.append(
+            f"| {r.name} | {tst} | {r.final_step} | {loss} | {_fmt(su.step, '.0f')} "
+            f"| {_x(su.steps)} | {_x(su.wall)} | {_x(su.flops)} | {int(r.at(r.data_tokens, r.final_step)):,} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[Run], baseline: Run, out_png: Path, title: str = "") -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RunError("the PNG needs matplotlib: pip install matplotlib (or tst-titan[report])") from e
+
+    axes_spec = [
+        ("step", lambda r, s: s.astype(float)),
+        ("data tokens", lambda r, s: np.array([r.at(r.data_tokens, x) for x in s])),
+        ("wall-clock (s)", lambda r, s: np.array([r.at(r.wall, x) for x in s])),
+        ("training FLOPs", lambda r, s: np.array([r.at(r.flops, x) for x in s])),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    for ax, (label, xs_of) in zip(axes.flat, axes_spec):
+        for i, r in enumerate(runs):
+            color = f"C{i}"
+            ax.plot(xs_of(r, r.val.steps), r.val.values, marker=".", color=color, label=r.name)
+            if r.switch_step is not None:
+                sx = xs_of(r, np.array([r.switch_step]))[0]
+                ax.axvline(sx, color=color, linestyle="--", linewidth=0.8)
+        ax.axhline(baseline.final_loss, color="gray", linestyle=":", linewidth=0.8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("next-token validation loss")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(
+        (title + "\n" if title else "")
+        + "dashed: switch to next-token training; dotted: baseline's final loss"
+    )
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
