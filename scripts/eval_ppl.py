@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
     from tst_titan.checkpoint import CheckpointError
-    from tst_titan.checks import ConfigError
-    from tst_titan.data.sources import DataError
+    from tst_titan.errors import ConfigError
+    from tst_titan.errors import DataError
     from tst_titan.evaluate import evaluate
 
     try:

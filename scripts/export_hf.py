@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from tst_titan.checkpoint import CheckpointError
-    from tst_titan.checks import ConfigError
+    from tst_titan.errors import ConfigError
     from tst_titan.export import ExportError, export_hf, load_checkpoint_model
 
     try:

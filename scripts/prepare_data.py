@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
     from tst_titan.config import Data
-    from tst_titan.data.sources import DataError
+    from tst_titan.errors import DataError
     from tst_titan.data.store import DOCS_PER_SHARD, prepare_store, source_texts
     from tst_titan.data.tokenizer import resolve_tokenizer_path
 

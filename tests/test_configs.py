@@ -50,7 +50,8 @@ def test_paper_twins_share_everything_but_tst():
 
 
 def test_tokenizer_larger_than_the_model_vocab_is_refused():
-    from tst_titan.checks import ConfigError, check_tokenizer_fits
+    from tst_titan.checks import check_tokenizer_fits
+    from tst_titan.errors import ConfigError
     from tst_titan.specs import tst_llama3_flavors
 
     class Tok:
@@ -96,7 +97,7 @@ def test_cli_ratio_replaces_a_toml_switch_step(flag):
 
 
 def test_both_on_the_command_line_stay_an_error():
-    from tst_titan.checks import ConfigError
+    from tst_titan.errors import ConfigError
 
     cfg = _parse(ROOT / "train_configs" / "tst_debug_cpu.toml",
                  "--tst.switch_step", "100", "--tst.superposition_ratio", "0.2")
@@ -105,7 +106,7 @@ def test_both_on_the_command_line_stay_an_error():
 
 
 def test_both_in_the_toml_stay_an_error_even_with_one_on_the_command_line(tmp_path):
-    from tst_titan.checks import ConfigError
+    from tst_titan.errors import ConfigError
 
     text = (ROOT / "train_configs" / "tst_debug_cpu.toml").read_text()
     both = tmp_path / "both.toml"

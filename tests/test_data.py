@@ -10,8 +10,10 @@ import torch
 
 from tst_titan.config import Data
 from tst_titan.data import embedded
-from tst_titan.data.loader import CheckpointMismatchError, TSTPackedDataset
-from tst_titan.data.sources import DataError, MapStyleSource, build_source
+from tst_titan.data.loader import TSTPackedDataset
+from tst_titan.errors import CheckpointMismatchError
+from tst_titan.data.sources import MapStyleSource, build_source
+from tst_titan.errors import DataError
 from tst_titan.data.tokenizer import build_tokenizer
 from tst_titan.schedule import Phase, TSTPlan
 

@@ -17,7 +17,8 @@ from tst_titan.data import embedded
 from tst_titan.data.loader import (
     CheckpointMismatchError, TSTDataLoader, TSTPackedDataset, build_stream,
 )
-from tst_titan.data.sources import DataError, build_source
+from tst_titan.data.sources import build_source
+from tst_titan.errors import DataError
 from tst_titan.data.store import StoreStream, TokenStore, prepare_store, source_texts
 from tst_titan.data.tokenizer import build_tokenizer, resolve_tokenizer_path
 from tst_titan.schedule import TSTPlan

@@ -20,12 +20,7 @@ from typing import Any
 
 import torch
 
-from tst_titan.data.loader import CheckpointMismatchError
-from tst_titan.data.sources import one_line_reason
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not belong to this model or cannot be read."""
+from tst_titan.errors import CheckpointError, CheckpointMismatchError, one_line_reason
 
 
 def check_model_shapes(state_dict: dict[str, Any], checkpoint_id: str) -> None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tst_titan.data.sources import DATASET_KINDS, _local_files, DataError
+from tst_titan.data.sources import DATASET_KINDS, _local_files
+from tst_titan.data.store import TokenStore
+from tst_titan.data.tokenizer import resolve_tokenizer_path
+from tst_titan.errors import ConfigError, DataError
 from tst_titan.schedule import AT_SWITCH, MODES, WEIGHTINGS
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message starts with the offending key."""
 
 
 def _check_dataset(kind: str, path: str | None, prefix: str) -> None:
@@ -43,8 +42,6 @@ def _check_workers(kind: str, dl_cfg, prefix: str) -> None:
 def _check_stores(job_config) -> None:
     """Token stores: complete, undamaged and made with this run's tokenizer. Reads the
     manifest and file sizes only: cheap, and before any distributed work."""
-    from tst_titan.data.store import TokenStore
-    from tst_titan.data.tokenizer import resolve_tokenizer_path
 
     sections = [("training", job_config.training)]
     if job_config.validation.enable:

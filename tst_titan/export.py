@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torchtitan.protocols.train_spec import get_train_spec
 
-from tst_titan.checks import ConfigError
-from tst_titan.checkpoint import CheckpointError
-
-
-class ExportError(ValueError):
-    """The checkpoint or model cannot be exported (phase-1 checkpoint, unsupported shape)."""
+from tst_titan.checkpoint import check_model_shapes
+from tst_titan.data.tokenizer import resolve_tokenizer_path
+from tst_titan.errors import CheckpointError, ConfigError, ExportError
+from tst_titan.schedule import plan_from_job_config
+from tst_titan.specs import register_specs
+from tst_titan.train import parse_config
 
 
 @dataclass
@@ -51,15 +53,6 @@ def checkpoint_step(checkpoint: str | Path) -> int:
 
 def load_checkpoint_model(config_file: str, checkpoint: str, overrides: list[str] | None = None) -> LoadedCheckpoint:
     """The run's model, built from its TOML (plus overrides), with the checkpoint's weights."""
-    import torch.distributed.checkpoint as dcp
-
-    from tst_titan.checkpoint import check_model_shapes
-    from tst_titan.data.tokenizer import resolve_tokenizer_path
-    from tst_titan.schedule import plan_from_job_config
-    from tst_titan.specs import register_specs
-    from tst_titan.train import parse_config
-    from torchtitan.protocols.train_spec import get_train_spec
-
     cfg = parse_config(["--job.config_file", str(config_file), *(overrides or [])])
     register_specs()
     spec = get_train_spec(cfg.model.name)

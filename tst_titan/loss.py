@@ -28,6 +28,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torchtitan.tools.logging import logger
+
+from tst_titan.schedule import plan_from_job_config
 from torch.distributed.tensor import DTensor
 from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
 
@@ -226,10 +229,6 @@ class TSTLoss:
 
 
 def build_tst_loss(job_config, **kwargs) -> TSTLoss:
-    from torchtitan.tools.logging import logger
-
-    from tst_titan.schedule import plan_from_job_config
-
     plan = plan_from_job_config(job_config)
     compile_fn = None
     if job_config.compile.enable and "loss" in job_config.compile.components:

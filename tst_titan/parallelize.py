@@ -24,6 +24,8 @@ from torchtitan.models.llama3.infra.parallelize import parallelize_llama
 from torchtitan.models.qwen3.infra.parallelize import parallelize_qwen3
 
 from tst_titan.device import force_sum_reduction_on_gloo
+from tst_titan.errors import ConfigError
+from tst_titan.fused_loss import install_fused_head
 
 
 def _allreduce_sum_hook(process_group, bucket):  # -> Future[Tensor] (DDP checks the annotation)
@@ -55,9 +57,6 @@ def _maybe_fused_head(model: nn.Module, job_config) -> None:
     tst = getattr(job_config, "tst", None)
     if tst is None or not tst.fused_loss or getattr(model, "output", None) is None:
         return
-    from tst_titan.checks import ConfigError
-    from tst_titan.fused_loss import install_fused_head
-
     if type(model.output) is not nn.Linear:
         raise ConfigError(
             f"tst.fused_loss: the output projection is a {type(model.output).__name__}, not a "

@@ -17,11 +17,13 @@ from tst_titan.device import apply_cpu_shims
 
 apply_cpu_shims()
 
+import torch  # noqa: E402
 from torchtitan.config import ConfigManager, JobConfig  # noqa: E402
 from torchtitan.tools.logging import init_logger, logger  # noqa: E402
 
 from tst_titan import config as tst_config  # noqa: E402
-
+from tst_titan.errors import USER_ERRORS  # noqa: E402
+from tst_titan.trainer import TSTTrainer  # noqa: E402
 
 
 # The two ways to place the switch; a run gives one (tst_titan.checks.check_tst).
@@ -53,20 +55,7 @@ def parse_config(argv: list[str]) -> JobConfig:
     return config
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from tst_titan.checkpoint import CheckpointError
-    from tst_titan.checks import ConfigError
-    from tst_titan.data.loader import CheckpointMismatchError
-    from tst_titan.data.sources import DataError
-
-    return (ConfigError, DataError, CheckpointMismatchError, CheckpointError)
-
-
 def main(argv: list[str] | None = None) -> None:
-    import torch
-
-    from tst_titan.trainer import TSTTrainer
-
     init_logger()
     argv = sys.argv[1:] if argv is None else argv
     trainer = None
@@ -80,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("Created seed checkpoint")
         else:
             trainer.train()
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         if trainer is not None:
             trainer.close()
         print(f"tst-titan: error: {e}", file=sys.stderr, flush=True)

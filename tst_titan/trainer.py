@@ -36,7 +36,8 @@ from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
 from tst_titan.checkpoint import guard_checkpoint_loading
-from tst_titan.checks import ConfigError, check_job_config, check_tokenizer_fits
+from tst_titan.checks import check_job_config, check_tokenizer_fits
+from tst_titan.errors import ConfigError
 from tst_titan.data.budget import plan_budget
 from tst_titan.data.loader import TSTPackedDataset, samples_per_step
 from tst_titan.fused_loss import arm_fused_head

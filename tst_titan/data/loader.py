@@ -37,12 +37,10 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 from torchtitan.components.dataloader import ParallelAwareDataloader
 
-from tst_titan.data.sources import DataError, build_source
+from tst_titan.data.sources import build_source
+from tst_titan.data.store import StoreStream, TokenStore
+from tst_titan.errors import CheckpointMismatchError, DataError
 from tst_titan.schedule import Phase, TSTPlan, plan_from_job_config
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint written under a different TST plan than the current config."""
 
 
 class TextStream(Stateful):
@@ -210,8 +208,6 @@ def build_stream(
 ) -> tuple[Stateful, Any]:
     """(source or stream, tokenizer to tokenize it with, None for a token store)."""
     if kind == "store":
-        from tst_titan.data.store import StoreStream, TokenStore
-
         key = f"{key_prefix}.dataset_path"
         if not path:
             raise DataError(f"{key}: required when {key_prefix}.dataset = 'store' (a token store directory)")

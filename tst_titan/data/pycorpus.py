@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from tst_titan.data.embedded import chunk_bounds
+from tst_titan.data.tokenizer import cache_dir
 
 VERSION = 1  # bump when a rule below changes: it is part of the cache key and fingerprint
 VALIDATION_EVERY = 50
@@ -270,8 +271,6 @@ class PyCorpus:
 
     # the scan
     def _cache_file(self) -> Path:
-        from tst_titan.data.tokenizer import cache_dir
-
         h = hashlib.sha256(f"pycorpus-v{VERSION}-{self.validation_every}".encode())
         for rel, size, mtime in self.listing():
             h.update(f"{rel}\0{size}\0{mtime}\n".encode())

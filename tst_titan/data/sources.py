@@ -28,23 +28,10 @@ import numpy as np
 from torch.distributed.checkpoint.stateful import Stateful
 
 from tst_titan.data import embedded
+from tst_titan.errors import DataError, one_line_reason
 
 DATASET_KINDS = ("embedded", "local", "hf", "store")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
-
-
-class DataError(ValueError):
-    """Missing, unreadable or unsuitable data; the message names the config key."""
-
-
-def one_line_reason(e: BaseException) -> str:
-    """The last meaningful line of an exception's message, for one-line user errors
-    (library errors and DCP's per-rank CheckpointException span many lines)."""
-    lines = [
-        line.strip() for line in str(e).splitlines()
-        if line.strip() and not line.startswith(("Traceback", "  File"))
-    ]
-    return lines[-1] if lines else type(e).__name__
 
 
 def rank_order(

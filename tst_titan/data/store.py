@@ -39,7 +39,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from torch.distributed.checkpoint.stateful import Stateful
 
-from tst_titan.data.sources import DataError, rank_order
+from tst_titan.data import embedded, pycorpus
+from tst_titan.data.sources import _load_local, rank_order
+from tst_titan.errors import CheckpointMismatchError, DataError, one_line_reason
 
 FORMAT = "tst-titan-token-store/1"
 MANIFEST = "manifest.json"
@@ -290,8 +292,6 @@ class StoreStream(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("store")
         if saved is not None and saved != self.store.identity():
-            from tst_titan.data.loader import CheckpointMismatchError
-
             raise CheckpointMismatchError(
                 f"checkpoint was written while reading another token store ({saved}); "
                 f"{self.store.key} now holds {self.store.identity()}"
@@ -325,13 +325,9 @@ def source_texts(kind: str, path: str | None, split: str, data_cfg,
     ``packages``: python_env only, stdlib + these installed packages."""
     desc = {"kind": kind, "path": path, "split": split}
     if kind == "embedded":
-        from tst_titan.data import embedded
-
         desc["corpus"] = embedded.corpus_fingerprint()
         return _listed_source(desc, embedded.documents(split), embedded.read_chunk)
     if kind == "python_env":  # every .py file of this interpreter, deduplicated (pycorpus.py)
-        from tst_titan.data import pycorpus
-
         packages = tuple(packages) if packages else None
         try:
             corpus = pycorpus.default_corpus(packages)
@@ -342,8 +338,6 @@ def source_texts(kind: str, path: str | None, split: str, data_cfg,
             desc["packages"] = list(packages)
         return _listed_source(desc, corpus.documents(split), corpus.read_document)
     if kind == "local":
-        from tst_titan.data.sources import _load_local
-
         if not path:
             raise DataError("--path: required for a local source")
         ds, col = _load_local(path, "--path", data_cfg.text_field)
@@ -364,8 +358,6 @@ def source_texts(kind: str, path: str | None, split: str, data_cfg,
         try:
             ds = datasets.load_dataset(path, data_cfg.hf_config or None, split=hf_split, streaming=True)
         except Exception as e:
-            from tst_titan.data.sources import one_line_reason
-
             raise DataError(f"--path: cannot open Hugging Face dataset {path!r}: {one_line_reason(e)}") from e
         total = None
         try:

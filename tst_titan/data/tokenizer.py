@@ -18,6 +18,7 @@ from pathlib import Path
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
 from tst_titan.data import embedded
+from tst_titan.errors import ConfigError
 
 EMBEDDED = "embedded"
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -76,8 +77,6 @@ def build_tokenizer(job_config) -> HuggingFaceTokenizer:
         job_config.model.hf_assets_path, job_config.data.embedded_vocab_size
     )
     if not (Path(path) / "tokenizer.json").is_file():
-        from tst_titan.checks import ConfigError
-
         raise ConfigError(
             f"model.hf_assets_path: no tokenizer.json in {path!r} "
             "(give a directory with a Hugging Face tokenizer.json, or 'embedded')"
