@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 from tst_titan.analysis.study.plan import ROOT, smoke_plan, study_plan
+from tst_titan.analysis.study.report import build_report, replace_section, write_plots
+from tst_titan.analysis.study.results import load_clusters, load_results
 from tst_titan.analysis.study.runner import StudySettings, run_plan
 
 
@@ -29,6 +31,25 @@ def _epoch_of(hhmm: str) -> float:
     now = time.time()
     t = now - now % 86400 + h * 3600 + m * 60
     return t if t > now else t + 86400
+
+
+def write_report(plan, args, argv: list[str] | None) -> None:
+    """Regenerate the study section and figures from the raw results alone."""
+    results = load_results(args.results)
+    clusters = load_clusters(args.results)
+    command = " ".join(["python scripts/bench_quality.py"] + (sys.argv[1:] if argv is None else argv))
+    section = build_report(results, clusters, plan, command)
+    target = args.report
+    old = target.read_text() if target.is_file() else ""
+    try:
+        new = replace_section(old, section)
+    except ValueError:
+        new = section
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(new)
+    figures = write_plots(results, clusters, args.img)
+    print(section, flush=True)
+    print(f"wrote {target} and {', '.join(str(f) for f in figures) or 'no figures'}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-by", help="HH:MM UTC: start no run estimated to end after it")
     ap.add_argument("--smoke", action="store_true", help="tiny model, embedded corpus, toy lengths")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report")
+    ap.add_argument("--report", type=Path, default=ROOT / "docs" / "RESULTS.md",
+                    help="markdown file whose study section (between its markers) is regenerated; "
+                         "a file without the markers is written whole")
+    ap.add_argument("--img", type=Path, default=ROOT / "docs" / "img", help="folder of the figures")
     args = ap.parse_args(argv)
     plan = smoke_plan() if args.smoke else study_plan(args.seeds)
     failed: list[str] = []
@@ -51,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                                  threads=args.threads,
                                  stop_by=_epoch_of(args.stop_by) if args.stop_by else None)
         failed = run_plan(plan, settings, log=lambda m: print(m, flush=True))
+    write_report(plan, args, argv)
     if failed:
         print(f"bench_quality: {len(failed)} run(s) failed: {', '.join(failed)} (rerun to retry)",
               file=sys.stderr)

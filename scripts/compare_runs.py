@@ -30,7 +30,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tst_titan.analysis.compare import annealed_table, markdown_table, pick_baseline, plot
+from tst_titan.analysis.compare import annealed_table, downstream_section, markdown_table, pick_baseline, plot
 from tst_titan.analysis.runs import load_run
 from tst_titan.errors import RunError
 
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         annealed = annealed_table(runs)
         if annealed:
             table += "\n" + annealed
+        downstream = downstream_section([r.name for r in runs], args.runs)
+        if downstream:
+            table += "\n" + downstream
         out = Path(args.out)
         plot(runs, baseline, out / "compare.png")
     except RunError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -113,3 +114,39 @@ def resume_copy(src: Path, dst: Path, step: int) -> None:
     """A dump folder holding only checkpoint step-<step> of ``src``: the state after a crash."""
     (dst / "checkpoint").mkdir(parents=True)
     shutil.copytree(src / "checkpoint" / f"step-{step}", dst / "checkpoint" / f"step-{step}")
+
+
+# -- killing and resuming jobs (test_faults, test_multinode) ---------------------------
+def children_of(pid: int) -> list[int]:
+    """All descendants of ``pid`` (torchrun starts its workers in new sessions)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        frontier += kids
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    for pid in [proc.pid, *children_of(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def loaded_step(log: str) -> int | None:
+    for line in log.splitlines():
+        if "Loading the checkpoint from" in line:
+            return int(line.rsplit("step-", 1)[1].split(".")[0].split("/")[0])
+    return None

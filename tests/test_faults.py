@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, losses, ok, run_train, train_cmd, train_env
+from conftest import ROOT, kill_tree, loaded_step, losses, ok, run_train, train_cmd, train_env
 
 HELPERS = ROOT / "tests" / "helpers"
 ARGS = (
@@ -33,34 +32,6 @@ ARGS = (
     "--training.global_batch_size", "8",  # local 2 x dp 2 x 2 accumulation steps
     "--data.trace",
 )
-
-
-def _children(pid: int) -> list[int]:
-    """All descendants of ``pid`` (torchrun starts its workers in new sessions)."""
-    parent: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    out, frontier = [], [pid]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out += kids
-        frontier += kids
-    return out
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    for pid in [proc.pid, *_children(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
 
 
 def run_until_pause(dump: Path, log: Path, **pause: int) -> str:
@@ -94,13 +65,6 @@ def trace(dump: Path) -> dict[tuple[int, int], str]:
             row = json.loads(line)
             out[(rank, row["step"])] = row["sha1"]
     return out
-
-
-def loaded_step(log: str) -> int | None:
-    for line in log.splitlines():
-        if "Loading the checkpoint from" in line:
-            return int(line.rsplit("step-", 1)[1].split(".")[0].split("/")[0])
-    return None
 
 
 def test_sigkill_anywhere_then_same_command_resumes_exactly(tmp_path):

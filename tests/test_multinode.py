@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TEST_CONFIG, free_port, losses, ok, run_train, train_env
-from test_faults import kill_tree, loaded_step
+from conftest import ROOT, TEST_CONFIG, free_port, kill_tree, loaded_step, losses, ok, run_train, train_env
 
 ARGS = ("--checkpoint.enable", "--checkpoint.interval", "1", "--data.trace")
 STEPS = 8  # tests/assets/tiny_cpu.toml: superposition steps 1-4, next-token steps 5-8

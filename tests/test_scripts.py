@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from conftest import ROOT
+from tst_titan.errors import RunError
 
 
 def _run(*args: str) -> str:
@@ -51,115 +52,62 @@ def test_bench_throughput_prints_ratios():
     assert "positions/s" in out and "share of TST step" in out
 
 
-def test_bench_quality_and_compare_runs(tmp_path):
-    """The study runner's smoke path (tiny model, embedded corpus): main arms, long baseline and
-    a length-sweep point (an ablation run is a TST run with one more override), results/*.json,
-    the report and its plots; a rerun keeps finished runs; then compare_runs on a pair."""
-    out = tmp_path / "bq"
-    smoke = ("scripts/bench_quality.py", "--smoke", "--jobs", "2", "--seeds", "1", "--lengths",
-             "--ablations", "--out", str(out))  # 4 runs: two rounds of two
-    text = _run(*smoke)
-    runs = ["baseline_seed0", "tst_s6_seed0", "baseline_x2_seed0", "tst_s6_x2_seed0"]
-    for name in runs:
-        res = json.loads((out / "results" / f"{name}.json").read_text())
-        assert res["final_step"] == res["spec"]["steps"] and res["final_se"] > 0, name
-    report = (out / "report.md").read_text()
-    for heading in ("## Every run", "## Equal FLOPs, main length", "## Equal-loss speed-up",
-                    "## Ablations", "## Equal-FLOPs gap against run length"):
-        assert heading in report, heading
-    assert "| tst_s6_seed0 | main | 8 |" in report and "| baseline_x2_seed0 | long | 16 |" in report
-    assert "| x2 | 16 |" in report and "| x1 (main) | 8 |" in report
-    # two at a time: every run shared the machine with another one
-    shared = [l.split("|")[-2].strip() for l in report.splitlines() if l.startswith("| baseline_seed0 | main")]
-    assert shared and shared[0] != "-", report
-    for png in ("curves_main.png", "curves_ablations.png", "curves_long.png", "gap_vs_length.png"):  # ablations: its 2 references
-        assert (out / png).stat().st_size > 10_000, png
-    assert "ETA" in text
-    # finished runs are kept on a second call
-    again = _run(*smoke)
-    assert again.count("done earlier, kept") == len(runs) and "(0 to do)" in again
-
-    table = _run("scripts/compare_runs.py", str(out / "runs" / "baseline_seed0"), str(out / "runs" / "tst_s6_seed0"),
-                 "--out", str(tmp_path / "cmp"))
-    rows = [l for l in table.splitlines() if l.startswith("| ")]
-    assert rows[0].startswith("| run | TST | final step | final val loss |") and len(rows) == 3
-    assert rows[2].startswith("| tst_s6_seed0 | s=6, switch after 2 | 8 | ")
-    # data tokens read: the TST run reads 6x per phase-1 step (2 of 8 steps)
-    base_tokens = int(rows[1].split("|")[-2].replace(",", ""))
-    tst_tokens = int(rows[2].split("|")[-2].replace(",", ""))
-    assert tst_tokens * 8 == base_tokens * (2 * 6 + 6)
-    assert (tmp_path / "cmp" / "compare.png").exists() and (tmp_path / "cmp" / "compare.md").exists()
-
-    # the phase plan and the data budget are in TensorBoard as text
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(next((out / "runs" / "tst_s6_seed0").rglob("events.out.tfevents*"))))
-    acc.Reload()
-    tag = next(t for t in acc.Tags()["tensors"] if t.startswith("tst/plan"))
-    plan_text = acc.Tensors(tag)[0].tensor_proto.string_val[0].decode()
-    assert "TST plan: phase 1 (superposition, s=6" in plan_text and "data budget:" in plan_text
-    assert "(phase 1: " in plan_text and "epochs)" in plan_text
-
-    (tmp_path / "empty").mkdir()
-    proc = subprocess.run([sys.executable, "scripts/compare_runs.py", str(tmp_path / "empty")],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2 and "no TensorBoard event files" in proc.stderr
-
-
 def test_compare_runs_equal_loss_speedup_against_a_naive_reading():
     """Interpolated crossing of the baseline's final loss, on hand-made curves."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     import numpy as np
 
-    import compare_runs as cr
+    from tst_titan.analysis import compare as cr_table
+    from tst_titan.analysis import runs as cr_runs
+    from tst_titan.analysis import speedup as cr_speed
 
     def run(name, steps, loss, switch=None):
         steps = np.array(steps)
-        lin = cr.Series(steps, steps * 10.0)
-        return cr.Run(name, cr.Series(steps, np.array(loss)), lin, cr.Series(steps, steps * 2.0), lin, switch)
+        lin = cr_runs.Series(steps, steps * 10.0)
+        return cr_runs.Run(name, cr_runs.Series(steps, np.array(loss)), lin, cr_runs.Series(steps, steps * 2.0), lin, switch)
 
     base = run("base", [10, 20, 30, 40], [5.0, 4.0, 3.5, 3.0])
     tst = run("tst", [10, 20, 30, 40], [5.5, 3.4, 2.8, 2.5], switch=12)
-    su = cr.equal_loss_speedup(base, tst)
+    su = cr_speed.equal_loss_speedup(base, tst)
     # loss 3.0 first reached between step 20 (3.4) and 30 (2.8): 20 + 10 * 0.4 / 0.6
     assert su.step == pytest.approx(20 + 10 * 0.4 / 0.6)
     assert su.steps == pytest.approx(40 / su.step) and su.flops == pytest.approx(40 / su.step)
     never = run("never", [10, 20], [6.0, 5.0])
-    assert cr.equal_loss_speedup(base, never).step is None
-    assert "not reached" in cr.markdown_table([base, never], base)
+    assert cr_speed.equal_loss_speedup(base, never).step is None
+    assert "not reached" in cr_table.markdown_table([base, never], base)
 
 
 def test_compare_runs_annealed_speedup_against_a_naive_reading():
     """Equal-loss read on baselines trained for different lengths: log-linear between their final
     losses, extrapolated past them (and marked), against a hand computation."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     import numpy as np
 
-    import compare_runs as cr
+    from tst_titan.analysis import compare as cr_table
+    from tst_titan.analysis import runs as cr_runs
+    from tst_titan.analysis import speedup as cr_speed
 
     def run(name, final, loss, switch=None):
         steps = np.array([1, final])
-        lin = cr.Series(steps, steps * 10.0)
-        return cr.Run(name, cr.Series(steps, np.array([8.0, loss])), lin, cr.Series(steps, steps * 2.0), lin, switch)
+        lin = cr_runs.Series(steps, steps * 10.0)
+        return cr_runs.Run(name, cr_runs.Series(steps, np.array([8.0, loss])), lin, cr_runs.Series(steps, steps * 2.0), lin, switch)
 
     b1, b2, b3 = run("b1", 100, 4.0), run("b2", 200, 3.5), run("b3", 400, 3.2)
-    inside = cr.annealed_speedup([b3, b1, b2], run("t", 200, 3.3, switch=60))
+    inside = cr_speed.annealed_speedup([b3, b1, b2], run("t", 200, 3.3, switch=60))
     # between b2 (3.5 at 200) and b3 (3.2 at 400): log2(steps/200) = 0.2 / 0.3
     want = 200 * 2 ** (0.2 / 0.3)
     assert inside.baseline_steps == pytest.approx(want) and not inside.extrapolated
     assert inside.steps == pytest.approx(want / 200) and inside.flops == pytest.approx(want / 200)
-    beyond = cr.annealed_speedup([b1, b2, b3], run("t", 200, 3.0, switch=60))
+    beyond = cr_speed.annealed_speedup([b1, b2, b3], run("t", 200, 3.0, switch=60))
     assert beyond.extrapolated and beyond.baseline_steps == pytest.approx(400 * 2 ** (0.2 / 0.3))
-    worse = cr.annealed_speedup([b1, b2], run("t", 100, 4.5, switch=30))
+    worse = cr_speed.annealed_speedup([b1, b2], run("t", 100, 4.5, switch=30))
     assert worse.extrapolated and worse.baseline_steps == pytest.approx(100 * 2 ** (-0.5 / 0.5))
-    flat = cr.annealed_speedup([b1, run("b2", 200, 4.1)], run("t", 100, 3.0, switch=30))
+    flat = cr_speed.annealed_speedup([b1, run("b2", 200, 4.1)], run("t", 100, 3.0, switch=30))
     assert flat.baseline_steps is None
-    with pytest.raises(cr.RunError):
-        cr.annealed_speedup([b1, run("again", 100, 3.9)], run("t", 100, 3.0, switch=30))
-    table = cr.annealed_table([b1, b2, b3, run("tst", 200, 3.0, switch=60)])
+    with pytest.raises(RunError):
+        cr_speed.annealed_speedup([b1, run("again", 100, 3.9)], run("t", 100, 3.0, switch=30))
+    table = cr_table.annealed_table([b1, b2, b3, run("tst", 200, 3.0, switch=60)])
     row = next(l for l in table.splitlines() if l.startswith("| tst |"))
     assert f"| {400 * 2 ** (0.2 / 0.3):.0f} (extrapolated) | {2 * 2 ** (0.2 / 0.3):.2f}x |" in row
-    assert cr.annealed_table([b1, run("tst", 200, 3.0, switch=60)]) == ""  # one length: no table
+    assert cr_table.annealed_table([b1, run("tst", 200, 3.0, switch=60)]) == ""  # one length: no table
 
 
 def test_study_configs_are_twins_that_differ_only_in_tst():
@@ -182,8 +130,8 @@ def test_study_configs_are_twins_that_differ_only_in_tst():
     assert tst["tst"]["bag_size"] == 6 and tst["tst"]["superposition_ratio"] == 0.3
     # the comment gives the command that prepares the stores the configs read
     for text in (base_f.read_text(), tst_f.read_text()):
-        assert "scripts/prepare_data.py --source python_env --split train" in text
-        assert "--out ./data/pyenv-train" in text and "--out ./data/pyenv-val" in text
+        assert "scripts/prepare_data.py --source python_env --packages torch --split train" in text
+        assert "--out ./data/pystd-torch-train" in text and "--out ./data/pystd-torch-val" in text
     register_specs()
     for f in (base_f, tst_f):
         cfg = parse_config(["--job.config_file", str(f)])
@@ -198,3 +146,7 @@ def test_study_configs_are_twins_that_differ_only_in_tst():
     with torch.device("meta"):
         model = TSTLlama3(tst_llama3_flavors["study"])
     assert sum(p.numel() for p in model.parameters()) == 1_377_408
+    with torch.device("meta"):  # the second size: 4x fewer non-embedding parameters
+        small = TSTLlama3(tst_llama3_flavors["study_small"])
+    emb = small.tok_embeddings.weight.numel() + small.output.weight.numel()
+    assert sum(p.numel() for p in small.parameters()) - emb == 213_568

@@ -37,6 +37,11 @@ class RunError(TSTError, ValueError):
     """A run folder that cannot be compared or reported (no events, a tag missing)."""
 
 
+class EvalError(TSTError, ValueError):
+    """A downstream evaluation that cannot run: lm-eval missing, a task unknown, or its
+    data on the Hugging Face hub and the hub out of reach."""
+
+
 def one_line_reason(e: BaseException) -> str:
     """The last meaningful line of an exception's message, for one-line user errors
     (library errors and DCP's per-rank CheckpointException span many lines)."""

@@ -220,5 +220,6 @@ def export_hf(loaded: LoadedCheckpoint, out_dir: str | Path, dtype: str = "float
         "source_checkpoint": loaded.checkpoint,
         "step": loaded.step, "switch_step": loaded.switch_step,
         "model": loaded.job_config.model.name, "flavor": loaded.job_config.model.flavor,
+        "seq_len": loaded.job_config.training.seq_len,  # the trained context (scripts/eval_lm.py)
     }, indent=2))
     return out

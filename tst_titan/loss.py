@@ -10,7 +10,7 @@ convention); the trainer divides by the global valid weight mass (see
 
 Two implementations of the same formula:
 
-- plain tensors: :class:`_FusedMultiHotCE`, one logsumexp per position shared by
+- plain tensors: :class:`_SharedLSEMultiHotCE`, one logsumexp per position shared by
   all s slots, and a hand-written backward that builds the gradient in ONE buffer of
   the logits' size and dtype (softmax * mass - onehot(w)), never s of them and never
   an fp32 [N, V] copy (row chunks in eager; one fused kernel under torch.compile);
@@ -50,7 +50,7 @@ def _rows_per_chunk(n_cols: int) -> int:
     return max(1, (1 << 24) // max(1, n_cols))
 
 
-class _FusedMultiHotCE(torch.autograd.Function):
+class _SharedLSEMultiHotCE(torch.autograd.Function):
     """sum_n sum_j w_j * valid_nj * (lse_n - z[n, t_nj]); returns (loss, per-slot CE sums).
 
     No fp32 [N, V] buffer is ever built. Eager: the logsumexp and the gradient are
@@ -132,7 +132,7 @@ def _multi_hot_ce_with_slots(
     logits = pred.reshape(-1, pred.shape[-1])
     targets = torch.where(valid, flat_labels, torch.zeros_like(flat_labels))
     wv = w.unsqueeze(0) * valid.float()
-    loss, slot_sums = _FusedMultiHotCE.apply(logits, targets, wv)
+    loss, slot_sums = _SharedLSEMultiHotCE.apply(logits, targets, wv)
     return loss, slot_sums.detach(), counts
 
 

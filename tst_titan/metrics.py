@@ -34,16 +34,43 @@ from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.tools.logging import logger
 
 
+StepMetrics = Callable[[int, float], dict[str, Any]]  # (step, global avg loss) -> scalars
+ValidationMetrics = Callable[[], dict[str, Any]]  # () -> scalars; a collective, every rank
+
+
 class TSTMetricsProcessor(MetricsProcessor):
+    """torchtitan's processor plus the TST scalars. Its collaborators use four public
+    methods: the trainer :meth:`set_step_metrics`, :meth:`count_data_tokens` and
+    :meth:`log_text`; the validator :meth:`set_validation_metrics` during a pass."""
+
     def __init__(self, job_config, parallel_dims, tag: str | None = None):
         super().__init__(job_config, parallel_dims, tag)
         self.data_tokens_since_last_log = 0
-        # Set by the trainer: (step, global_avg_loss) -> extra scalars of that step.
-        self.tst_metrics_fn: Callable[[int, float], dict[str, Any]] | None = None
-        # Set by the validator during a pass: () -> extra validation scalars (the loss's
-        # standard error); a collective, called on every rank.
-        self.validation_metrics_fn: Callable[[], dict[str, Any]] | None = None
+        self._step_metrics: StepMetrics | None = None
+        self._validation_metrics: ValidationMetrics | None = None
         self._progress_origin: tuple[int, float] | None = None
+
+    def set_step_metrics(self, fn: StepMetrics) -> None:
+        """The trainer's phase-aware scalars, added to every logged step."""
+        self._step_metrics = fn
+
+    def set_validation_metrics(self, fn: ValidationMetrics | None) -> None:
+        """Extra scalars of the validation pass in progress (None after it)."""
+        self._validation_metrics = fn
+
+    def count_data_tokens(self, n: int) -> None:
+        """Data tokens fed to the model (s per position in phase 1)."""
+        self.data_tokens_since_last_log += n
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """A text entry in TensorBoard (rank 0's writer), when TensorBoard is on.
+        torchtitan 0.2.2's logger container has no text API: this is the one place that
+        reaches into it (its ``_loggers`` and their ``writer``)."""
+        for sink in getattr(self.logger, "_loggers", []):
+            writer = getattr(sink, "writer", None)
+            if writer is not None and hasattr(writer, "add_text"):
+                writer.add_text(tag, text, step)
+                writer.flush()
 
     def log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
         extra = dict(extra_metrics or {})
@@ -51,8 +78,8 @@ class TSTMetricsProcessor(MetricsProcessor):
         per_device = max(elapsed, 1e-9) * self.parallel_dims.non_data_parallel_size
         extra["throughput/data_tokens_per_s"] = self.data_tokens_since_last_log / per_device
         extra["throughput/positions_per_s"] = self.ntokens_since_last_log / per_device
-        if self.tst_metrics_fn is not None:
-            extra.update(self.tst_metrics_fn(step, float(global_avg_loss)))
+        if self._step_metrics is not None:
+            extra.update(self._step_metrics(step, float(global_avg_loss)))
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
         self.data_tokens_since_last_log = 0
         self._append_jsonl(step, global_avg_loss, grad_norm, extra)
@@ -76,8 +103,8 @@ class TSTMetricsProcessor(MetricsProcessor):
 
     def log_validation(self, loss, step, extra_metrics=None):
         extra = dict(extra_metrics or {})
-        if self.validation_metrics_fn is not None:
-            extra.update(self.validation_metrics_fn())
+        if self._validation_metrics is not None:
+            extra.update(self._validation_metrics())
         super().log_validation(loss, step, extra)
         row = {"step": step, "validation_loss": float(loss)}
         if "validation_metrics/loss_se" in extra:

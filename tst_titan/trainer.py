@@ -41,12 +41,19 @@ from tst_titan.errors import ConfigError
 from tst_titan.data.budget import plan_budget
 from tst_titan.data.loader import TSTPackedDataset, samples_per_step
 from tst_titan.fused_loss import arm_fused_head
-from tst_titan.loss import valid_weight_mass
+from tst_titan.loss import TSTLoss, valid_weight_mass
+from tst_titan.metrics import TSTMetricsProcessor
 from tst_titan.schedule import Phase, plan_from_job_config
 from tst_titan.specs import register_specs
 
 
 class TSTTrainer(Trainer):
+    # Built by the TST TrainSpecs (tst_titan.specs); the trainer relies on their public
+    # methods (TSTMetricsProcessor.set_step_metrics / count_data_tokens / log_text,
+    # TSTLoss.weights / reset_slot_stats / slot_sums) and checks the types once.
+    metrics_processor: TSTMetricsProcessor
+    loss_fn: TSTLoss
+
     def __init__(self, job_config):
         register_specs()
         spec = get_train_spec(job_config.model.name)
@@ -60,6 +67,10 @@ class TSTTrainer(Trainer):
         self.tst_plan = plan_from_job_config(job_config)
         self._valid_mass: float | None = None
         super().__init__(job_config)
+        for name, want in (("metrics_processor", TSTMetricsProcessor), ("loss_fn", TSTLoss)):
+            if not isinstance(getattr(self, name), want):
+                raise ConfigError(f"model.name: train spec {job_config.model.name!r} does not build a "
+                                  f"{want.__name__} ({name}); use a tst_titan train spec")
         guard_checkpoint_loading(self.checkpointer)
 
         plan = self.tst_plan
@@ -70,11 +81,10 @@ class TSTTrainer(Trainer):
         plan_text = plan.describe(per_step, dp)
         logger.info(plan_text)
         budget_text = self._check_data_budget(per_step)
-        self._log_text("tst/plan", "\n\n".join(t for t in (plan_text, budget_text) if t))
+        self.metrics_processor.log_text("tst/plan", "\n\n".join(t for t in (plan_text, budget_text) if t), self.step)
         if plan.enabled and plan.at_switch == "reset_optimizer":
             self._install_lr_rewarmup()
-        if hasattr(self.metrics_processor, "tst_metrics_fn"):
-            self.metrics_processor.tst_metrics_fn = self._tst_metrics
+        self.metrics_processor.set_step_metrics(self._tst_metrics)
         self._trace_path = None
         if job_config.data.trace:
             folder = os.path.join(job_config.job.dump_folder, "data_trace")
@@ -82,19 +92,11 @@ class TSTTrainer(Trainer):
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             self._trace_path = os.path.join(folder, f"rank{rank}.jsonl")
 
-    def _log_text(self, tag: str, text: str) -> None:
-        """Write a text entry to TensorBoard (rank 0's writer), if TensorBoard is on."""
-        for sink in getattr(self.metrics_processor.logger, "_loggers", []):
-            writer = getattr(sink, "writer", None)
-            if writer is not None and hasattr(writer, "add_text"):
-                writer.add_text(tag, text, self.step)
-                writer.flush()
-
     def _check_data_budget(self, per_step: int) -> str | None:
-        dataset = getattr(self.dataloader, "dataset", None)
+        dataset = self.dataloader.dataset
         if not isinstance(dataset, TSTPackedDataset):
             return None
-        budget = plan_budget(dataset._source, self.tokenizer, self.tst_plan, per_step)
+        budget = plan_budget(dataset.source, self.tokenizer, self.tst_plan, per_step)
         text = budget.describe()
         logger.info(text)
         if budget.epochs is not None and budget.epochs > 1.0:
@@ -159,8 +161,7 @@ class TSTTrainer(Trainer):
             inputs = input_dict["input"]
             self.ntokens_seen += inputs.numel()  # data tokens fed to the model
             mp.ntokens_since_last_log += inputs.shape[0] * inputs.shape[1]  # positions
-            if hasattr(mp, "data_tokens_since_last_log"):
-                mp.data_tokens_since_last_log += inputs.numel()
+            mp.count_data_tokens(inputs.numel())
             mp.data_loading_times.append(time.perf_counter() - t0)
             yield input_dict, labels
 
@@ -184,8 +185,7 @@ class TSTTrainer(Trainer):
                 self._valid_mass = dist_utils.dist_sum(local, self.parallel_dims.get_mesh("batch"))
             else:
                 self._valid_mass = float(local)
-        if hasattr(self.loss_fn, "reset_slot_stats"):
-            self.loss_fn.reset_slot_stats()
+        self.loss_fn.reset_slot_stats()
         super().train_step(iter(microbatches))
 
     def _trace_batch(self, microbatches) -> None:
@@ -243,7 +243,7 @@ class TSTTrainer(Trainer):
         }
         if phase == Phase.SUPERPOSITION and plan.mode != "input_only":
             out["loss_metrics/superposition_mce"] = global_avg_loss
-            sums, counts = getattr(self.loss_fn, "slot_sums", None), self.loss_fn.slot_counts
+            sums, counts = self.loss_fn.slot_sums, self.loss_fn.slot_counts
             if sums is not None:
                 stats = torch.cat([sums.float(), counts.float()]).to(self.device)
                 if self.parallel_dims.dp_cp_enabled:

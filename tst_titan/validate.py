@@ -76,13 +76,13 @@ class TSTValidator(Validator):
         recorder = _PerSequenceLoss(self.loss_fn)
         loss_fn, self.loss_fn = self.loss_fn, recorder
         # Called by TSTMetricsProcessor.log_validation on every rank (a collective).
-        self.metrics_processor.validation_metrics_fn = lambda: self._standard_error(recorder)
+        self.metrics_processor.set_validation_metrics(lambda: self._standard_error(recorder))
         try:
             super().validate(model_parts, step)
             self._save_sequence_losses(recorder, step)
         finally:
             self.loss_fn = loss_fn
-            self.metrics_processor.validation_metrics_fn = None
+            self.metrics_processor.set_validation_metrics(None)
 
     def _save_sequence_losses(self, recorder: "_PerSequenceLoss", step: int) -> None:
         # Context parallel: each rank holds a part of every sequence, nothing to save.

@@ -3,6 +3,8 @@ four-panel PNG (validation loss against steps, data tokens, wall-clock, FLOPs)."
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +119,90 @@ def plot(runs: list[Run], baseline: Run, out_png: Path, title: str = "") -> None
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
+
+
+# Downstream scores (scripts/eval_lm.py): the first metric of this list a task reports is
+# shown (acc_norm where lm-eval has it); chance: uniform guessing among the choices.
+DOWNSTREAM_METRICS = ("acc_norm", "acc", "bits_per_byte", "word_perplexity")
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "boolq": 0.5, "hellaswag": 0.25, "openbookqa": 0.25,
+          "piqa": 0.5, "winogrande": 0.5, "mmlu": 0.25, "tst_tiny_mc": 0.25}
+
+
+def load_lm_eval(run_dir: str | Path) -> dict | None:
+    """``<run>/lm_eval/results.json`` of scripts/eval_lm.py, None when the run has none."""
+    path = Path(run_dir) / "lm_eval" / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path}: not an lm-eval results JSON ({e})") from e
+    if not isinstance(results, dict) or not isinstance(results.get("results"), dict):
+        raise RunError(f"{path}: not an lm-eval results JSON (no 'results' table)")
+    return results
+
+
+def downstream_scores(results: dict) -> dict[str, dict[str, tuple[float, float | None]]]:
+    """task -> metric -> (value, standard error or None), for tasks and groups that are
+    not part of a reported group (MMLU's 57 subjects fold into one row)."""
+    inside = {t for subs in (results.get("group_subtasks") or {}).values() for t in subs}
+    out: dict[str, dict[str, tuple[float, float | None]]] = {}
+    for task, metrics in results["results"].items():
+        if task in inside:
+            continue
+        got = {}
+        for m in DOWNSTREAM_METRICS:
+            v, se = metrics.get(f"{m},none"), metrics.get(f"{m}_stderr,none")
+            if isinstance(v, (int, float)):
+                got[m] = (float(v), float(se) if isinstance(se, (int, float)) else None)
+        if got:
+            out[task] = got
+    return out
+
+
+def _score(v: float, se: float | None, spec: str = ".4f") -> str:
+    return format(v, spec) + ("" if se is None else f" ± {se:.4f}")
+
+
+def downstream_table(names: list[str], results: list[dict]) -> str:
+    """One row per task: each run's score ± lm-eval's standard error; with two runs the
+    difference (second minus first) ± the two errors combined."""
+    scores = [downstream_scores(r) for r in results]
+    tasks = list(dict.fromkeys(t for s in scores for t in s))
+    limited = [n for n, r in zip(names, results) if (r.get("config") or {}).get("limit") is not None]
+    lines = [
+        "Downstream (lm-eval, zero-shot, scripts/eval_lm.py; ± is lm-eval's standard error over "
+        "the task's items, about a 68% interval):",
+        "",
+        "| task | metric | chance | " + " | ".join(names) + (" | difference |" if len(names) == 2 else ""),
+        "|---|---|---|" + "---|" * (len(names) + (len(names) == 2)),
+    ]
+    for t in tasks:
+        common = [m for m in DOWNSTREAM_METRICS if all(m in s.get(t, {}) for s in scores)]
+        m = common[0] if common else next(m for m in DOWNSTREAM_METRICS if any(m in s.get(t, {}) for s in scores))
+        cells = [_score(*s[t][m]) if m in s.get(t, {}) else "-" for s in scores]
+        if len(names) == 2:
+            if common:
+                (a, sa), (b, sb) = scores[0][t][m], scores[1][t][m]
+                se = math.hypot(sa, sb) if sa is not None and sb is not None else None
+                cells.append(_score(b - a, se, "+.4f"))
+            else:
+                cells.append("-")
+        chance = f"{CHANCE[t]:.2f}" if t in CHANCE and m.startswith("acc") else "-"
+        lines.append(f"| {t} | {m} | {chance} | " + " | ".join(cells) + " |")
+    if limited:
+        lines += ["", f"Evaluated with --limit (a smoke test, not scores): {', '.join(limited)}."]
+    return "\n".join(lines) + "\n"
+
+
+def downstream_section(names: list[str], run_dirs: list[str | Path]) -> str:
+    """The downstream table when every run has lm-eval results, a one-line note when only
+    some have, '' when none has."""
+    results = [load_lm_eval(d) for d in run_dirs]
+    have = [r is not None for r in results]
+    if all(have):
+        return downstream_table(names, results)  # type: ignore[arg-type]
+    if any(have):
+        missing = ", ".join(n for n, h in zip(names, have) if not h)
+        return f"Downstream scores: no lm_eval/results.json for {missing} (run scripts/eval_lm.py on it).\n"
+    return ""

@@ -27,7 +27,7 @@ import torch
 from tst_titan.analysis.jsonio import write_json_atomic
 from tst_titan.analysis.provenance import commit_of, machine_line
 from tst_titan.analysis.runs import load_run
-from tst_titan.analysis.study.plan import ROOT, SIZES, RunSpec
+from tst_titan.analysis.study.plan import ROOT, RunSpec
 from tst_titan.errors import RunError
 from tst_titan.model import TSTLlama3
 from tst_titan.specs import tst_llama3_flavors

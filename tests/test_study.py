@@ -1,0 +1,145 @@
+"""The quality study's statistics (against hand computations), its runner (a real smoke
+study: resumable, two runs side by side) and its report (regenerated from raw results;
+the committed RESULTS section must be what the committed raw results give)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from tst_titan.analysis import stats
+from tst_titan.analysis.study.plan import study_plan
+from tst_titan.analysis.study.report import BEGIN, END, build_report
+from tst_titan.analysis.study.results import load_clusters, load_results
+
+
+def test_clustered_se_against_a_hand_computation():
+    x = [1.0, 2.0, 4.0, 3.0, 5.0, 9.0]
+    g = [0, 0, 1, 1, 2, 2]
+    m = sum(x) / 6
+    sums = [x[0] + x[1] - 2 * m, x[2] + x[3] - 2 * m, x[4] + x[5] - 2 * m]
+    want = math.sqrt(3 / 2 * sum(s * s for s in sums) / 36)
+    assert stats.clustered_se(x, g) == pytest.approx(want)
+    # one observation per cluster: the i.i.d. standard error sd / sqrt(n)
+    assert stats.clustered_se(x, range(6)) == pytest.approx(np.std(x, ddof=1) / math.sqrt(6))
+    assert math.isnan(stats.clustered_se(x, [0] * 6))
+
+
+def test_loglinear_and_power_law_reads():
+    steps, loss = [1200, 2400, 4800], [3.8, 3.5, 3.3]
+    n, extra = stats.loglinear_steps(steps, loss, 3.4)
+    assert n == pytest.approx(2400 * 2 ** 0.5) and not extra  # halfway in log steps
+    n, extra = stats.loglinear_steps(steps, loss, 3.2)
+    assert extra and n == pytest.approx(4800 * 2 ** 0.5)
+    assert stats.loglinear_steps([1, 2], [3.0, 3.1], 2.0) == (None, False)  # not falling
+    law = stats.PowerLaw(2.0, 50.0, 0.5)
+    ns = [300, 1200, 2400, 4800]
+    fit = stats.fit_power_law(ns, [law.loss(n) for n in ns])
+    assert fit.a == pytest.approx(2.0, abs=1e-3) and fit.c == pytest.approx(0.5, abs=1e-2)
+    assert fit.steps_at(law.loss(3000)) == pytest.approx(3000, rel=1e-2)
+    assert stats.fit_power_law([1, 2], [3.0, 2.0]) is None
+
+
+def test_crossover_and_its_bootstrap_interval():
+    x = [1.0, 2.0, 4.0]
+    gaps = [[0.2, 0.2], [0.1, 0.1], [-0.1, -0.1]]  # no seed noise: a point interval
+    est, lo, hi = stats.crossover(x, gaps)
+    want = math.exp(math.log(2) + 0.5 * math.log(2))  # halfway between 2 and 4 in log
+    assert est == pytest.approx(want) and lo == pytest.approx(want) and hi == pytest.approx(want)
+    est, lo, hi = stats.crossover(x, [[0.3, -0.2], [0.2, -0.1], [-0.1, -0.3]])
+    assert lo is None or lo <= est <= (hi or math.inf)
+    assert stats.crossover(x, [[-1.0], [-1.0], [-1.0]])[0] is None  # TST wins everywhere
+
+
+def test_study_plan_priorities():
+    plan = study_plan()
+    names = [s.name for s in plan]
+    assert len(names) == len(set(names))
+    # the claims' lengths come first, 3 seeds each, then the ladder, the long TST, the second size
+    assert names[:6] == [f"study_{a}_1200_seed{k}" for k in range(3) for a in ("baseline", "tst_s6")]
+    for steps in (2400, 3300, 4800):
+        assert {f"study_baseline_{steps}_seed{k}" for k in range(3)} <= set(names)
+    assert {"study_tst_s6_4800_seed0", "study_tst_s6_4800_seed1"} <= set(names)
+    small = [s for s in plan if s.size == "small"]
+    assert sorted({s.steps for s in small}) == [300, 600, 1200] and len(small) == 18
+    assert "--model.flavor" in small[0].overrides() and "study_small" in small[0].overrides()
+
+
+@pytest.mark.slow
+def test_smoke_study_runs_resumes_and_reports(tmp_path):
+    """12 tiny runs, 2 at a time: raw results, a rerun keeps them, and the report."""
+    res, work, report = tmp_path / "results", tmp_path / "work", tmp_path / "RESULTS.md"
+    report.write_text(f"# Results\n\nbefore\n\n{BEGIN}\nold\n{END}\n\nafter\n")
+    cmd = [sys.executable, "scripts/bench_quality.py", "--smoke", "--jobs", "2", "--results", str(res),
+           "--work", str(work), "--report", str(report), "--img", str(tmp_path / "img")]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "ETA" in first.stdout
+    runs = load_results(res)
+    assert len(runs) == 12
+    raw = runs["study_tst_s6_12_seed1"].raw
+    assert raw["final_loss"] == raw["val"][-1][1] and raw["val"][-1][0] == 12
+    assert raw["switch_step"] == 4 and raw["bag_size"] == 6 and raw["spec"]["seed"] == 1
+    assert len(raw["final_sequence_losses"]) == 8  # 2 validation steps x 4 sequences
+    # the per-sequence losses are what the validator averaged
+    assert np.mean(raw["final_sequence_losses"]) == pytest.approx(raw["final_loss"], rel=1e-4)
+    assert "--debug.seed 1" in raw["command"] and "--data.shuffle_seed 1001" in raw["command"]
+    text = report.read_text()
+    assert text.startswith("# Results\n\nbefore\n\n" + BEGIN) and text.endswith(END + "\n\nafter\n")
+    assert "| 8 | " in text and "(2 seeds)" in text and "Equal-loss speed-up" in text
+    assert (tmp_path / "img" / "study_gap.png").stat().st_size > 10_000
+    # two at a time: runs shared the cores
+    assert any(r for r in text.splitlines() if r.startswith("| study_baseline_8_seed0 ") and not r.endswith("| - |"))
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done earlier, kept") == 12
+    assert report.read_text() == text  # the same raw results give the same report
+
+    # compare_runs on a finished pair of the study (its run folders)
+    base_dir, tst_dir = work / "runs" / "study_baseline_8_seed0", work / "runs" / "study_tst_s6_8_seed0"
+    cmp = subprocess.run([sys.executable, "scripts/compare_runs.py", str(base_dir), str(tst_dir),
+                          "--out", str(tmp_path / "cmp")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cmp.returncode == 0, cmp.stderr[-3000:]
+    rows = [line for line in cmp.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| run | TST | final step | final val loss |") and len(rows) == 3
+    assert rows[2].startswith("| study_tst_s6_8_seed0 | s=6, switch after 2 | 8 | ")
+    # data tokens read: the TST run reads 6x per phase-1 step (2 of 8 steps)
+    base_tokens = int(rows[1].split("|")[-2].replace(",", ""))
+    tst_tokens = int(rows[2].split("|")[-2].replace(",", ""))
+    assert tst_tokens * 8 == base_tokens * (2 * 6 + 6)
+    assert (tmp_path / "cmp" / "compare.png").exists() and (tmp_path / "cmp" / "compare.md").exists()
+
+    # the phase plan and the data budget are in TensorBoard as text
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(next(tst_dir.rglob("events.out.tfevents*"))))
+    acc.Reload()
+    tag = next(t for t in acc.Tags()["tensors"] if t.startswith("tst/plan"))
+    plan_text = acc.Tensors(tag)[0].tensor_proto.string_val[0].decode()
+    assert "TST plan: phase 1 (superposition, s=6" in plan_text and "data budget:" in plan_text
+    assert "(phase 1: " in plan_text and "epochs)" in plan_text
+
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "scripts/compare_runs.py", str(tmp_path / "empty")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no TensorBoard event files" in proc.stderr
+
+
+def test_committed_results_section_is_regenerated_from_the_raw_results():
+    """docs/RESULTS.md's study section is exactly what the committed raw results give."""
+    results_dir = ROOT / "docs" / "results" / "study"
+    results = load_results(results_dir)
+    doc = (ROOT / "docs" / "RESULTS.md").read_text()
+    assert BEGIN in doc and END in doc
+    committed = BEGIN + doc.split(BEGIN, 1)[1].split(END, 1)[0] + END
+    regenerated = build_report(results, load_clusters(results_dir), study_plan(),
+                               "python scripts/bench_quality.py --report-only")
+    assert committed.strip() == regenerated.strip()
+    for r in results.values():  # every raw result names its commit, seed and config
+        assert r.raw["commit"] and r.raw["command"].startswith("python -m tst_titan.train")
+        json.dumps(r.raw)

@@ -1,0 +1,301 @@
+"""The study's report, regenerated from the committed raw results alone.
+
+``build_report`` returns the markdown section of docs/RESULTS.md (between the markers
+``<!-- study:begin -->`` and ``<!-- study:end -->``); ``write_plots`` draws its figures.
+Every number in it comes from ``docs/results/study/*.json``.
+
+Conventions: a gap is TST - baseline final validation loss at equal steps (equal FLOPs;
+below 0 TST wins); "± sd" is over seeds, "(1 seed)" says when there is only one; SE is
+the paired standard error of the gap on the shared held-out windows, clustered by source
+file. Tokens per parameter are the baseline's data tokens (TST reads 2.5x).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from tst_titan.analysis.stats import clustered_se, crossover, fit_power_law, loglinear_steps, mean_sd
+from tst_titan.analysis.study.plan import RunSpec
+from tst_titan.analysis.study.results import RunResult
+
+BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+
+
+def fmt(x: float | None, spec: str = ".4f", none: str = "n/a") -> str:
+    """A number, or ``none`` for None / NaN."""
+    return none if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def spread(values: list[float], spec: str = "+.4f", unit: str = "") -> str:
+    """'mean ± sd (k seeds)' or 'value (1 seed)'."""
+    m, sd = mean_sd(values)
+    if len(values) == 1:
+        return f"{format(m, spec)}{unit} (1 seed)"
+    return f"{format(m, spec)}{unit} ± {format(sd, spec.lstrip('+'))}{unit} ({len(values)} seeds)"
+
+
+def by_key(results: dict[str, RunResult]) -> dict[tuple[str, str, int], dict[int, RunResult]]:
+    """(size, arm, steps) -> {seed: run}."""
+    out: dict[tuple[str, str, int], dict[int, RunResult]] = defaultdict(dict)
+    for r in results.values():
+        out[(r.size, r.arm, r.steps)][r.seed] = r
+    return out
+
+
+def paired_gap(tst: RunResult, base: RunResult, clusters: np.ndarray | None) -> tuple[float, float]:
+    """(gap, its paired clustered SE) of two runs on the same held-out windows."""
+    gap = tst.final_loss - base.final_loss
+    a, b = tst.sequence_losses, base.sequence_losses
+    if clusters is None or a is None or b is None or len(a) != len(b) or len(a) != len(clusters):
+        return gap, math.nan
+    return gap, clustered_se(a - b, clusters)
+
+
+def gap_table(results: dict[str, RunResult], clusters: np.ndarray | None, size: str) -> list[dict]:
+    """One row per length with both arms on at least one common seed."""
+    keyed = by_key(results)
+    rows = []
+    for (sz, arm, steps), tst in sorted(keyed.items(), key=lambda kv: kv[0][2]):
+        if sz != size or arm != "tst_s6":
+            continue
+        base = keyed.get((size, "baseline", steps), {})
+        seeds = sorted(set(tst) & set(base))
+        if not seeds:
+            continue
+        pairs = [paired_gap(tst[k], base[k], clusters) for k in seeds]
+        b0 = base[seeds[0]]
+        rows.append(dict(
+            steps=steps, seeds=seeds, gaps=[g for g, _ in pairs],
+            se=float(np.nanmean([s for _, s in pairs])) if pairs else math.nan,
+            base=[base[k].final_loss for k in seeds], tst=[tst[k].final_loss for k in seeds],
+            tpp=b0.data_tokens / b0.params, tpp_ne=b0.data_tokens / b0.params_non_embedding,
+        ))
+    return rows
+
+
+def ladder(results: dict[str, RunResult], seed: int, size: str = "study") -> tuple[list[int], list[float]]:
+    """(steps, final losses) of the seed's baselines of every length."""
+    runs = sorted((r for r in results.values() if r.size == size and r.arm == "baseline" and r.seed == seed),
+                  key=lambda r: r.steps)
+    return [r.steps for r in runs], [r.final_loss for r in runs]
+
+
+def speedup_rows(results: dict[str, RunResult], size: str = "study") -> list[dict]:
+    """Per TST s = 6 run: the baseline steps at its final loss (same seed's ladder,
+    log-linear between bracketing lengths, and the power law over lengths >= 1/2 of
+    the TST run's), over the TST run's steps."""
+    rows = []
+    for r in sorted(results.values(), key=lambda r: (r.steps, r.seed)):
+        if r.size != size or r.arm != "tst_s6":
+            continue
+        steps, losses = ladder(results, r.seed, size)
+        near = [(n, y) for n, y in zip(steps, losses) if n >= r.steps / 2]
+        if len(near) < 2:
+            continue
+        n_lin, extrapolated = loglinear_steps([n for n, _ in near], [y for _, y in near], r.final_loss)
+        law = fit_power_law([n for n, _ in near], [y for _, y in near])
+        n_law = law.steps_at(r.final_loss) if law else None
+        rows.append(dict(run=r, ladder=near, n_lin=n_lin, extrapolated=extrapolated, law=law, n_law=n_law,
+                         speed_lin=None if n_lin is None else n_lin / r.steps,
+                         speed_law=None if n_law is None else n_law / r.steps))
+    return rows
+
+
+def shared_with(results: dict[str, RunResult]) -> dict[str, list[str]]:
+    """The runs that ran at the same time as each run for at least a quarter of it."""
+    out = {}
+    for n, r in results.items():
+        need = 0.25 * sum(e - s for s, e in r.spans)
+        out[n] = sorted(m for m, o in results.items() if m != n and sum(
+            max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in r.spans for s2, e2 in o.spans) >= need)
+    return out
+
+
+def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, plan: list[RunSpec],
+                 command: str, source: str = "docs/results/study/") -> str:
+    """The markdown section (markers included)."""
+    out = [BEGIN, f"_Generated by `{command}` from {len(results)} raw results in {source}; "
+           "do not edit by hand._", ""]
+    missing = [s.name for s in plan if s.name not in results]
+    any_run = next(iter(results.values()), None)
+    if any_run is not None:
+        machines = sorted({r.raw["machine"] for r in results.values()})
+        commits = sorted({r.raw["commit"] for r in results.values()})
+        vs = any_run.raw.get("val_store") or {}
+        out += [
+            f"- Machine(s): {'; '.join(machines)}; commits of the runs: {', '.join(commits)}.",
+            f"- Held-out set: `{vs.get('path')}` ({fmt(vs.get('num_tokens'), ',', '?')} tokens); "
+            f"{len(any_run.sequence_losses) if any_run.sequence_losses is not None else '?'} windows of 256 "
+            f"tokens from {len(set(clusters.tolist())) if clusters is not None else '?'} source files: "
+            "standard errors are clustered by file.",
+        ]
+    out.append(f"- Finished: {len(results)} of {len(plan)} planned runs."
+               + (f" Not yet run: {len(missing)} (continue with `python scripts/bench_quality.py --jobs 2`)."
+                  if missing else ""))
+    for size in ("study", "small"):
+        rows = gap_table(results, clusters, size)
+        if not rows:
+            continue
+        r0 = next(r for r in results.values() if r.size == size)
+        out += ["", f"### Equal-FLOPs gap against length: `{r0.raw['flavor']}` ({r0.params:,} parameters, "
+                f"{r0.params_non_embedding:,} non-embedding)", "",
+                "| steps | baseline tokens / param (total, non-emb.) | baseline loss | TST s=6 loss "
+                "| gap TST − baseline (± sd over seeds) | paired SE (clustered) |", "|---|---|---|---|---|---|"]
+        for row in rows:
+            out.append(f"| {row['steps']} | {row['tpp']:.2f}, {row['tpp_ne']:.2f} | {spread(row['base'], '.4f')} "
+                       f"| {spread(row['tst'], '.4f')} | {spread(row['gaps'])} | {fmt(row['se'])} |")
+        out += crossover_lines(rows)
+    sp = speedup_rows(results)
+    if sp:
+        out += ["", "### Equal-loss speed-up, interpolated on annealed baselines", "",
+                "Each TST run's final loss is read on its own seed's baseline ladder (every baseline of "
+                "at least half the TST run's length, each trained and annealed for its own length). "
+                "Log-linear: piecewise linear in log(steps) between the two lengths that bracket the loss "
+                "(the primary read: local, no model of the curve). Power law: L(n) = a + b n^-c fitted "
+                "to the same points (3 or more), as a check. Speed-up = baseline steps / TST steps "
+                "(= FLOPs ratio: equal FLOPs per step).", "",
+                "| TST run | its final loss | ladder (steps: loss) | log-linear: baseline steps | speed-up "
+                "| power law: steps | speed-up | fit residuals |", "|---|---|---|---|---|---|---|---|"]
+        for row in sp:
+            r, law = row["run"], row["law"]
+            resid = ", ".join(f"{y - law.loss(n):+.4f}" for n, y in row["ladder"]) if law else "n/a (< 3 points)"
+            mark = " (extrapolated)" if row["extrapolated"] else ""
+            out.append(f"| {r.name} | {r.final_loss:.4f} | " + ", ".join(f"{n}: {y:.4f}" for n, y in row["ladder"])
+                       + f" | {fmt(row['n_lin'], '.0f', 'ladder not falling')}{mark} "
+                       f"| {fmt(row['speed_lin'], '.2f')}x | {fmt(row['n_law'], '.0f')} | {fmt(row['speed_law'], '.2f')}x "
+                       f"| {resid} |")
+        by_steps: dict[int, list[float]] = defaultdict(list)
+        for row in sp:
+            if row["speed_lin"] is not None and not row["extrapolated"]:
+                by_steps[row["run"].steps].append(row["speed_lin"])
+        if by_steps:
+            out += [""] + [f"- TST at {n} steps: equal-loss speed-up {spread(v, '.2f', 'x')} (log-linear, "
+                           "interpolated reads only)." for n, v in sorted(by_steps.items())]
+    out += ablation_lines(results, clusters)
+    out += run_table(results, clusters)
+    out += ["", "Figures: `docs/img/study_gap.png` (gap against tokens per non-embedding parameter, both "
+            "sizes), `docs/img/study_ladder.png` (baseline ladders, power-law fits and the TST runs).", END]
+    return "\n".join(out) + "\n"
+
+
+def crossover_lines(rows: list[dict]) -> list[str]:
+    if len(rows) < 2:
+        return []
+    lines = [""]
+    for key, label in (("tpp", "total"), ("tpp_ne", "non-embedding")):
+        est, lo, hi = crossover([r[key] for r in rows], [r["gaps"] for r in rows])
+        lines.append(f"- Crossover (gap = 0), baseline tokens per {label} parameter: {fmt(est, '.2f', 'none in range')} "
+                     f"(95% bootstrap over seeds: {fmt(lo, '.2f', 'below range')} to {fmt(hi, '.2f', 'above range')}).")
+    return lines
+
+
+def ablation_lines(results: dict[str, RunResult], clusters: np.ndarray | None) -> list[str]:
+    abl = [r for r in results.values() if r.group == "ablation"]
+    if not abl:
+        return []
+    keyed = by_key(results)
+    lines = ["", "### Ablations (1200 steps)", "", "| run | final loss | − baseline (same seed), paired SE "
+             "| − TST s=6 (same seed), paired SE |", "|---|---|---|---|"]
+    for r in sorted(abl, key=lambda r: r.name):
+        base = keyed.get(("study", "baseline", r.steps), {}).get(r.seed)
+        tst = keyed.get(("study", "tst_s6", r.steps), {}).get(r.seed)
+        cells = []
+        for other in (base, tst):
+            if other is None:
+                cells.append("not run")
+            else:
+                g, se = paired_gap(r, other, clusters)
+                cells.append(f"{g:+.4f} ± {fmt(se)}")
+        lines.append(f"| {r.name} | {r.final_loss:.4f} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def run_table(results: dict[str, RunResult], clusters: np.ndarray | None) -> list[str]:
+    share = shared_with(results)
+    lines = ["", "<details><summary>Every run</summary>", "",
+             "| run | final loss ± SE (clustered; i.i.d.) | data tokens | job time | commit | shared the 2 cores with |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(results.values(), key=lambda r: (r.size, r.steps, r.arm, r.seed)):
+        iid = r.raw["val"][-1][2]
+        lines.append(f"| {r.name} | {r.final_loss:.4f} ± {fmt(r.se(clusters))}; {fmt(iid)} | {int(r.data_tokens):,} "
+                     f"| {r.wall_seconds / 60:.1f} min | {r.raw['commit']} | {', '.join(share[r.name]) or '-'} |")
+    return lines + ["", "</details>"]
+
+
+def replace_section(document: str, section: str) -> str:
+    """``document`` with the text between the study markers replaced by ``section``."""
+    if BEGIN not in document or END not in document:
+        raise ValueError(f"no {BEGIN} ... {END} markers")
+    head, rest = document.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return head + section.rstrip("\n") + tail
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Log x axis, labels, grid and legend; the figure saved to ``path``."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def write_plots(results: dict[str, RunResult], clusters: np.ndarray | None, out_dir: Path) -> list[Path]:
+    """study_gap.png and study_ladder.png (what exists of them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, size in enumerate(("study", "small")):
+        rows = gap_table(results, clusters, size)
+        if not rows:
+            continue
+        xs = [r["tpp_ne"] for r in rows]
+        means = [mean_sd(r["gaps"])[0] for r in rows]
+        errs = [mean_sd(r["gaps"])[1] if len(r["gaps"]) > 1 else r["se"] for r in rows]
+        r0 = next(r for r in results.values() if r.size == size)
+        ax.errorbar(xs, means, yerr=[0 if math.isnan(e) else e for e in errs], marker="o", capsize=4,
+                    color=f"C{i}", label=f"{r0.raw['flavor']} ({r0.params_non_embedding:,} non-emb. params)")
+        for r, x, m in zip(rows, xs, means):
+            note = f"{r['steps']} steps" + (" (1 seed: SE)" if len(r["gaps"]) == 1 else f" ({len(r['gaps'])} seeds)")
+            ax.annotate(note, (x, m), textcoords="offset points", xytext=(5, 5), fontsize=7, color=f"C{i}")
+    if ax.lines:
+        ax.axhline(0, color="gray", linestyle=":")
+        written.append(_save(fig, ax, out_dir / "study_gap.png",
+                             "baseline data tokens per non-embedding parameter (TST reads 2.5x)",
+                             "final val loss: TST − baseline (nats)",
+                             "Equal-FLOPs gap (below 0: TST wins); bars: sd over seeds"))
+    plt.close(fig)
+    sp = speedup_rows(results)
+    seeds = sorted({r.seed for r in results.values() if r.size == "study" and r.arm == "baseline"})
+    if seeds:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for k in seeds:
+            steps, losses = ladder(results, k)
+            ax.plot(steps, losses, "o", color=f"C{k}", label=f"baselines, seed {k}")
+            law = fit_power_law(steps, losses)
+            if law is not None:
+                grid = np.geomspace(min(steps), max(steps), 100)
+                ax.plot(grid, law.loss(grid), "-", color=f"C{k}", alpha=0.5)
+        for row in sp:
+            r = row["run"]
+            ax.plot([r.steps], [r.final_loss], "*", markersize=11, color=f"C{r.seed}")
+            if row["n_lin"] is not None:
+                ax.plot([r.steps, row["n_lin"]], [r.final_loss, r.final_loss], ":", color=f"C{r.seed}")
+        written.append(_save(fig, ax, out_dir / "study_ladder.png",
+                             "steps (each baseline annealed at its own length)", "final val loss",
+                             "Baseline ladders (o, power-law fit) and TST runs (*): dotted = equal-loss read"))
+        plt.close(fig)
+    return written
