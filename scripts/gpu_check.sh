@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # GPU check in one command (report: OUT_DIR/report.md; default outputs/gpu_check):
 #
-#   bash scripts/gpu_check.sh [OUT_DIR]        # GPU_CHECK_WORK=DIR: where runs go (default /tmp/gpu_check_*)
+#   bash scripts/gpu_check.sh [OUT_DIR] [ARGS]   # GPU_CHECK_WORK=DIR: where runs go (default /tmp/gpu_check_*)
+#
+# ARGS go to scripts/gpu_check.py, e.g. `--only fused_fsdp_bf16,memory_plan` (the rows past
+# the kit's 540 s deadline, in a second command).
 #
 # For a single-GPU machine without internet (the lent H200: Python 3.12, torch 2.11
 # preinstalled). Missing packages come as wheels in .whl/, made beforehand where the
 # package registry is reachable by `bash scripts/gpu_wheels.sh`. Then the project is
 # installed against the machine's torch (no dependency resolution, no build isolation)
-# and scripts/gpu_check.py runs every row in its own process with a time budget.
+# and scripts/gpu_check.py (tst_titan/gpucheck) runs every row in its own process with a time budget.
 # On a machine without CUDA the CUDA rows are reported "not run: no CUDA".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/gpu_check}
+shift $(( $# > 0 ? 1 : 0 ))
 PY=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -39,4 +43,4 @@ sys.exit(0 if s and os.path.samefile(os.path.dirname(s.origin), 'tst_titan') els
     || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-exec $PY scripts/gpu_check.py --out "$OUT" ${GPU_CHECK_WORK:+--work "$GPU_CHECK_WORK"}
+exec $PY scripts/gpu_check.py --out "$OUT" ${GPU_CHECK_WORK:+--work "$GPU_CHECK_WORK"} "$@"

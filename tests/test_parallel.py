@@ -6,7 +6,7 @@ initial weights and their losses can be compared step by step.
 
 With ``TST_SHARED_GPU=1`` on a CUDA machine (what ``scripts/gpu_check.sh`` sets), the
 multi-process layouts run as processes sharing GPU 0 over gloo
-(``scripts/gpu_check_train.py``): the same checks on one GPU.
+(``python -m tst_titan.gpucheck.launch``): the same checks on one GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from conftest import ROOT, free_port, losses, ok, rows, run_train, train_cmd, train_env
 
 STEPS = ("--training.steps", "6", "--tst.switch_step", "3")  # 3 superposition + 3 next-token
-# Ranks share GPU 0 over gloo (scripts/gpu_check_train.py): the GPU check's mode.
+# Ranks share GPU 0 over gloo (tst_titan.gpucheck.launch): the GPU check's mode.
 SHARED_GPU = os.environ.get("TST_SHARED_GPU") == "1" and torch.cuda.is_available()
 BF16 = ("--training.mixed_precision_param", "bfloat16")
 # Clip below the tiny model's grad norms (0.45-0.8 on 2 ranks) so DDP vs FSDP exercises
@@ -35,10 +35,9 @@ CLIP = ("--training.max_norm", "0.5")
 def _train(dump, *overrides: str, nproc: int, env: dict | None = None) -> subprocess.CompletedProcess:
     if not (SHARED_GPU and nproc > 1):
         return run_train(dump, *overrides, nproc=nproc, env=env)
-    path = os.pathsep.join(p for p in (str(ROOT / "scripts"), os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(
-        train_cmd(dump, *overrides, nproc=nproc, module="gpu_check_train"), cwd=ROOT,
-        env=train_env(PYTHONPATH=path, **(env or {})), capture_output=True, text=True, timeout=600,
+        train_cmd(dump, *overrides, nproc=nproc, module="tst_titan.gpucheck.launch"), cwd=ROOT,
+        env=train_env(**(env or {})), capture_output=True, text=True, timeout=600,
     )
 
 
@@ -77,6 +76,7 @@ def close(a: dict[int, float], b: dict[int, float], tol: float) -> None:
         assert abs(a[k] - b[k]) <= tol, f"step {k}: {a[k]} vs {b[k]} (tol {tol})"
 
 
+@pytest.mark.slow
 def test_tensor_parallel_with_loss_parallel_matches_single_process(layout_run):
     single = layout_run("single", 1)
     tp = layout_run("tp2", 2, "--parallelism.tensor_parallel_degree", "2",
@@ -84,6 +84,7 @@ def test_tensor_parallel_with_loss_parallel_matches_single_process(layout_run):
     close(tp, single, 1e-4)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_resume_is_exact(layout_run, tmp_path):
     """Save under TP=2 at step 4 (just after the switch), resume under TP=2: same losses."""
     tp_args = ("--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1")
@@ -96,6 +97,7 @@ def test_tensor_parallel_resume_is_exact(layout_run, tmp_path):
     assert sorted(got) == [5, 6] and all(got[k] == ref[k] for k in got), (got, ref)
 
 
+@pytest.mark.slow
 def test_ddp_matches_fsdp(layout_run):
     fsdp = layout_run("fsdp2", 2, *CLIP)
     ddp = layout_run("ddp2", 2, "--parallelism.data_parallel_replicate_degree", "2",
@@ -110,6 +112,7 @@ def test_ddp_matches_fsdp(layout_run):
     assert max(norms("fsdp2")) > 0.5 > min(norms("fsdp2"))  # clipped in some steps, not all
 
 
+@pytest.mark.slow
 def test_hsdp_matches_fsdp_on_four_ranks(layout_run):
     fsdp4 = layout_run("fsdp4", 4)
     hsdp = layout_run("hsdp2x2", 4, "--parallelism.data_parallel_replicate_degree", "2",
@@ -117,6 +120,7 @@ def test_hsdp_matches_fsdp_on_four_ranks(layout_run):
     close(hsdp, fsdp4, 1e-3)
 
 
+@pytest.mark.slow
 def test_compile_matches_eager(layout_run):
     single = layout_run("single", 1)
     compiled = layout_run("compile", 1, "--compile.enable", "--compile.components", "model",
@@ -157,6 +161,7 @@ def test_dynamo_compiles_once_per_phase_never_per_step():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_float8_emulated_trains_close_to_fsdp(layout_run):
     pytest.importorskip("torchao", reason="float8 needs torchao (pip install '.[float8]')")
     fsdp = layout_run("fsdp2", 2, *CLIP)
@@ -183,6 +188,7 @@ def _cp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_context_parallel_shards_whole_bags_and_their_labels(tmp_path):
     """The data side of CP (the attention side needs CUDA SDPA and runs on GPU only)."""
     mp.spawn(_cp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -199,6 +205,7 @@ def test_context_parallel_shards_whole_bags_and_their_labels(tmp_path):
     assert seen[:4] == [0, 1, 2, 3] and seen[4:8] == [12, 13, 14, 15]  # head-tail balancing
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     torch.cuda.device_count() < 2 and not SHARED_GPU,
     reason="context-parallel training needs CUDA (2 GPUs, or TST_SHARED_GPU=1 on one): on "
