@@ -23,6 +23,7 @@ from tst_titan.analysis.study.plan import ROOT, smoke_plan, study_plan
 from tst_titan.analysis.study.report import build_report, replace_section, write_plots
 from tst_titan.analysis.study.results import load_clusters, load_results
 from tst_titan.analysis.study.runner import StudySettings, run_plan
+from tst_titan.errors import USER_ERRORS
 
 
 def _epoch_of(hhmm: str) -> float:
@@ -75,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = StudySettings(work=args.work.resolve(), results=args.results.resolve(), jobs=args.jobs,
                                  threads=args.threads,
                                  stop_by=_epoch_of(args.stop_by) if args.stop_by else None)
-        failed = run_plan(plan, settings, log=lambda m: print(m, flush=True))
+        try:
+            failed = run_plan(plan, settings, log=lambda m: print(m, flush=True))
+        except USER_ERRORS as e:
+            print(f"bench_quality: error: {e}", file=sys.stderr)
+            return 2
     write_report(plan, args, argv)
     if failed:
         print(f"bench_quality: {len(failed)} run(s) failed: {', '.join(failed)} (rerun to retry)",

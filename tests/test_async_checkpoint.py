@@ -17,6 +17,8 @@ available.`` It is checked on a GPU by ``scripts/gpu_check.sh`` (row "async chec
 
 from __future__ import annotations
 
+import pytest
+
 from pathlib import Path
 
 import torch
@@ -45,6 +47,7 @@ def _tensors(step_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
     return flat
 
 
+@pytest.mark.slow
 def test_async_checkpoint_resume_across_the_switch_is_exact(tmp_path):
     ref = tmp_path / "ref"
     proc = ok(run_train(ref, *ASYNC))

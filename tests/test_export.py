@@ -66,6 +66,7 @@ def _compare(loaded, hf_dir, text: str) -> None:
     assert gen[0, ids.shape[1]:].tolist() == _greedy(loaded.model, ids, 8)
 
 
+@pytest.mark.slow
 def test_llama3_export_matches_the_torchtitan_model(trained, tmp_path):
     from tst_titan.export import load_checkpoint_model
 
@@ -81,6 +82,7 @@ def test_llama3_export_matches_the_torchtitan_model(trained, tmp_path):
     _compare(loaded, out, "def greet(name):\n    return 'hello ' + name\n")
 
 
+@pytest.mark.slow
 def test_superposition_phase_checkpoint_is_refused_unless_forced(trained, tmp_path):
     ckpt = trained / "checkpoint" / "step-4"  # the last phase-1 step
     args = ("--config", str(TEST_CONFIG), "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf"))
@@ -93,6 +95,7 @@ def test_superposition_phase_checkpoint_is_refused_unless_forced(trained, tmp_pa
     assert script("export_hf.py", *args, "--force").returncode == 0
 
 
+@pytest.mark.slow
 def test_eval_ppl_agrees_between_checkpoint_and_export(trained, tmp_path):
     ckpt = trained / "checkpoint" / "step-8"
     out = tmp_path / "hf"

@@ -67,6 +67,7 @@ def trace(dump: Path) -> dict[tuple[int, int], str]:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_same_command_resumes_exactly(tmp_path):
     ref = tmp_path / "ref"
     ok(run_train(ref, *ARGS))

@@ -172,6 +172,7 @@ def test_lm_eval_loglikelihoods_equal_a_naive_computation(evaluated):
     assert results["results"]["tst_tiny_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
 
 
+@pytest.mark.slow
 def test_unreachable_hub_names_the_task_in_one_line(tmp_path):
     """A task in lm-eval's format whose dataset is on the hub, with the hub out of reach."""
     if os.environ.get("HF_HUB_OFFLINE") != "1":

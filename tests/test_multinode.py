@@ -86,6 +86,7 @@ def reference(tmp_path_factory) -> Path:
     return dump
 
 
+@pytest.mark.slow
 def test_two_nodes_train_like_one_launch(reference, tmp_path):
     dump = tmp_path / "job"
     wait_all(launch_nodes(dump, free_port(), tmp_path), tmp_path)
@@ -99,6 +100,7 @@ def test_two_nodes_train_like_one_launch(reference, tmp_path):
     assert t_got == t_ref
 
 
+@pytest.mark.slow
 def test_node_killed_then_relaunched_resumes_exactly(reference, tmp_path):
     dump, port = tmp_path / "job", free_port()
     procs = launch_nodes(dump, port, tmp_path)

@@ -19,6 +19,7 @@ def _run(*args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_loss_prints_ratios(tmp_path):
     # eager variants only (the compiled ones compile for ~20 s each; figures in docs/)
     rows_path = tmp_path / "rows.json"
@@ -42,6 +43,7 @@ def test_bench_loss_prints_ratios(tmp_path):
         assert r["max_rel_err_loss"] < 1e-4 and r["max_rel_err_grad_w"] < 2e-2  # bf16 h, W
 
 
+@pytest.mark.slow
 def test_bench_throughput_prints_ratios():
     out = _run("scripts/bench_throughput.py", "--flavor", "tiny", "--seq-len", "32", "--batch", "2",
                "--bag", "4", "--steps", "2")

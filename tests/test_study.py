@@ -143,3 +143,17 @@ def test_committed_results_section_is_regenerated_from_the_raw_results():
     for r in results.values():  # every raw result names its commit, seed and config
         assert r.raw["commit"] and r.raw["command"].startswith("python -m tst_titan.train")
         json.dumps(r.raw)
+
+
+def test_a_study_refuses_runs_on_other_data_than_its_finished_runs(tmp_path):
+    from tst_titan.analysis.study.plan import smoke_plan
+    from tst_titan.analysis.study.runner import StudySettings, check_same_data, stores_of
+    from tst_titan.errors import RunError
+
+    spec = smoke_plan()[0]
+    settings = StudySettings(work=tmp_path, results=tmp_path)
+    same = stores_of(spec, settings)
+    check_same_data(same, spec, settings)  # the same stores: fine
+    other = {**same, "train_store": {"path": "./data/x", "num_tokens": 5, "source": {"corpus": "abc"}}}
+    with pytest.raises(RunError, match="train_store: .* but the finished runs read 5 tokens of corpus abc"):
+        check_same_data(other, spec, settings)

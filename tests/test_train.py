@@ -23,6 +23,7 @@ def tst_reference(tmp_path_factory):
     return dump, proc
 
 
+@pytest.mark.slow
 def test_tst_run_switches_once_and_trains(tst_reference):
     dump, proc = tst_reference
     r = {row["step"]: row for row in rows(dump) if "loss" in row}
@@ -42,6 +43,7 @@ def test_tst_run_switches_once_and_trains(tst_reference):
 
 
 # Resume at the switch; tests/test_faults.py kills and resumes at every other point.
+@pytest.mark.slow
 @pytest.mark.parametrize("resume_step", [4])
 def test_resume_reproduces_losses_exactly(tst_reference, tmp_path, resume_step):
     ref_dump, _ = tst_reference
@@ -62,6 +64,7 @@ def _close(got: dict, ref: dict, rtol: float = 1e-5) -> None:
 FUSED = ("--tst.fused_loss", "--tst.fused_loss_chunk_size", "24")  # 64 positions/microbatch: 3 chunks
 
 
+@pytest.mark.slow
 def test_fused_loss_trains_like_the_unfused_loss(tst_reference, tmp_path):
     """tst.fused_loss across the switch, 2 ranks (FSDP), 2 accumulation steps, validation
     on: the same losses, grad norms and per-slot CEs as the reference to float tolerance."""
@@ -83,6 +86,7 @@ def test_fused_loss_trains_like_the_unfused_loss(tst_reference, tmp_path):
     assert len(val) >= 2 and all(math.isfinite(v) for v in val)
 
 
+@pytest.mark.slow
 def test_fused_loss_resumes_from_an_unfused_checkpoint(tst_reference, tmp_path):
     """Same checkpoint keys: a fused run resumed at the switch continues the reference."""
     ref_dump, _ = tst_reference
@@ -94,6 +98,7 @@ def test_fused_loss_resumes_from_an_unfused_checkpoint(tst_reference, tmp_path):
     _close(got, losses(ref_dump))
 
 
+@pytest.mark.slow
 def test_changed_data_parallel_degree_is_refused(tst_reference, tmp_path):
     ref_dump, _ = tst_reference
     dump = tmp_path / "one_rank"
@@ -103,6 +108,7 @@ def test_changed_data_parallel_degree_is_refused(tst_reference, tmp_path):
     assert "tst-titan: error: checkpoint was written with data-parallel degree 2, this run has 1" in proc.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_flavor_is_refused(tst_reference, tmp_path):
     ref_dump, _ = tst_reference
     dump = tmp_path / "other_flavor"
@@ -113,6 +119,7 @@ def test_checkpoint_of_another_model_flavor_is_refused(tst_reference, tmp_path):
     assert "check model.name / model.flavor" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["data", "metadata"])
 def test_damaged_checkpoint_is_refused(tst_reference, tmp_path, damage):
     ref_dump, _ = tst_reference
@@ -129,6 +136,7 @@ def test_damaged_checkpoint_is_refused(tst_reference, tmp_path, damage):
     assert "step: 5" not in proc.stdout + proc.stderr  # refused before any step ran
 
 
+@pytest.mark.slow
 def test_bag_size_one_is_plain_training_bit_for_bit(tmp_path):
     plain, tst1 = tmp_path / "plain", tmp_path / "tst1"
     ok(run_train(plain, "--tst.no-enable", "--training.steps", "6"))
@@ -138,6 +146,7 @@ def test_bag_size_one_is_plain_training_bit_for_bit(tmp_path):
     assert [r["tst/phase"] for r in rows(tst1) if "loss" in r][:3] == [1, 1, 1]
 
 
+@pytest.mark.slow
 def test_baseline_run_falls_and_leaves_tensorboard_and_checkpoints(tmp_path):
     dump = tmp_path / "base"
     ok(run_train(
@@ -190,6 +199,7 @@ def test_unknown_tst_key_is_refused(tmp_path):
     assert proc.returncode != 0 and "bag_sise" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["input_only", "output_only"])
 def test_ablation_modes_train_through_the_switch(tmp_path, mode):
     dump = tmp_path / mode
@@ -205,6 +215,7 @@ def test_ablation_modes_train_through_the_switch(tmp_path, mode):
     assert ("loss_metrics/superposition_mce" in r[0]) == (mode == "output_only")
 
 
+@pytest.mark.slow
 def test_reset_optimizer_rewarms_the_learning_rate(tmp_path):
     cont, reset = tmp_path / "cont", tmp_path / "reset"
     common = ("--training.steps", "6", "--tst.switch_step", "3", "--lr_scheduler.warmup_steps", "2")
@@ -218,6 +229,7 @@ def test_reset_optimizer_rewarms_the_learning_rate(tmp_path):
     assert losses(cont)[5] != losses(reset)[5]  # fresh AdamW moments change that update
 
 
+@pytest.mark.slow
 def test_strict_data_budget_refuses_a_run_that_would_repeat_data(tmp_path):
     proc = run_train(tmp_path / "budget", "--training.steps", "100000", "--tst.switch_step", "30000",
                      "--data.strict_budget", nproc=1)
@@ -226,6 +238,7 @@ def test_strict_data_budget_refuses_a_run_that_would_repeat_data(tmp_path):
     assert "data will repeat (data.strict_budget = true)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_qwen3_trains_through_the_switch(tmp_path):
     """tst_qwen3 (dense). Its MoE flavors cannot run on CPU: torchtitan 0.2.2's router
     counts tokens with torch.histc on int64, which has no CPU kernel."""

@@ -87,6 +87,7 @@ def test_aggregation_over_data_and_context_parallel_ranks(tmp_path):
         assert r["cp"][0] == 10 and r["cp"][1] == pytest.approx(want, rel=1e-10)
 
 
+@pytest.mark.slow
 def test_shipped_config_with_readme_override_logs_the_standard_error(tmp_path):
     """The README's ``--tst.switch_step`` on the shipped TST config (it sets a ratio),
     2 ranks: the switch moves and validation reports its standard error beside the

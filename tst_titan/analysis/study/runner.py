@@ -106,6 +106,10 @@ def execute(spec: RunSpec, s: StudySettings) -> dict[str, Any]:
     resumed = latest_checkpoint(dump)
     attempts_f = dump / "attempts.json"
     attempts = json.loads(attempts_f.read_text()) if (resumed and attempts_f.is_file()) else []
+    log_f = dump / "train.log"
+    if attempts and "end" not in attempts[-1] and log_f.is_file():
+        # the runner itself was killed: the attempt ended when its log last grew
+        attempts[-1].update(end=log_f.stat().st_mtime, rc=None, killed=True)
     if resumed is None:
         shutil.rmtree(dump, ignore_errors=True)  # no checkpoint: start over
     dump.mkdir(parents=True, exist_ok=True)
@@ -161,8 +165,7 @@ def collect(spec: RunSpec, dump: Path, cmd: list[str], attempts: list[dict], s: 
         **model_facts(cfg.model.flavor),
         "positions_per_step": cfg.training.local_batch_size * cfg.training.seq_len,
         "lr": cfg.optimizer.lr, "decay_ratio": cfg.lr_scheduler.decay_ratio,
-        "train_store": _store_facts(cfg.training.dataset_path) if cfg.training.dataset == "store" else None,
-        "val_store": _store_facts(cfg.validation.dataset_path) if cfg.validation.dataset == "store" else None,
+        **stores_of(spec, s),
         "switch_step": run.switch_step, "bag_size": run.bag_size,
         "val": [[st, lo, None if se != se else se] for st, (lo, se) in sorted(val.items())],
         "final_loss": val[spec.steps][0],
@@ -232,11 +235,37 @@ def load_results(results: Path) -> dict[str, dict[str, Any]]:
             for f in sorted(results.glob("*.json"))}
 
 
+def stores_of(spec: RunSpec, s: StudySettings) -> dict[str, Any]:
+    """The token stores a run reads (path, size, corpus), from its config."""
+    cfg = parse_config(["--job.config_file", str(s.cwd / spec.config)] + spec.overrides())
+    return {
+        "train_store": _store_facts(cfg.training.dataset_path) if cfg.training.dataset == "store" else None,
+        "val_store": _store_facts(cfg.validation.dataset_path) if cfg.validation.dataset == "store" else None,
+    }
+
+
+def check_same_data(done: dict[str, Any], spec: RunSpec, s: StudySettings) -> None:
+    """Refuse to add runs on other data than the finished ones (a study spans sessions and
+    machines: the stores must be prepared the same way)."""
+    now = stores_of(spec, s)
+    for key in ("train_store", "val_store"):
+        a, b = done.get(key), now[key]
+        if (a or {}).get("source") != (b or {}).get("source") or (a or {}).get("num_tokens") != (b or {}).get("num_tokens"):
+            raise RunError(
+                f"{key}: {b and b.get('path')} holds {b and b.get('num_tokens')} tokens of corpus "
+                f"{((b or {}).get('source') or {}).get('corpus')}, but the finished runs read "
+                f"{a and a.get('num_tokens')} tokens of corpus {((a or {}).get('source') or {}).get('corpus')}; "
+                "prepare the stores with the commands in the study configs' comment"
+            )
+
+
 def run_plan(plan: list[RunSpec], s: StudySettings, log: Callable[[str], None] = print) -> list[str]:
     """Run every run of ``plan`` without a result yet; returns the names that failed.
     A run that fails does not stop the others; a rerun retries it."""
     done = load_results(s.results)
     todo = [x for x in plan if x.name not in done]
+    if done and todo:
+        check_same_data(next(iter(done.values())), todo[0], s)
     for x in plan:
         if x.name in done:
             log(f"{x.name}: done earlier, kept")
