@@ -91,7 +91,7 @@ def main() -> None:
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
     from tst_titan.config import Data
-    from tst_titan.data.store import prepare_store, source_texts
+    from tst_titan.data.prepare import prepare_store, source_texts
     from tst_titan.data.tokenizer import resolve_tokenizer_path
 
     t0 = time.perf_counter()

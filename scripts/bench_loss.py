@@ -21,6 +21,7 @@ and max |grad - ref| / max |ref| for the gradients of h and W.
 
     python scripts/bench_loss.py                                   # small, every variant
     python scripts/bench_loss.py --vocab 128256 --positions 8192 --bag 6 --json rows.json
+    python scripts/bench_loss.py --no-grad --variants ce_eager,fused_eager   # validation
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _make_step(variant: str, args):
             logits = h @ w.t()
             loss = loss_fn(logits.unsqueeze(0), lab.unsqueeze(0))
             del logits  # like torchtitan's forward_backward_step: free pred before backward
-            loss.backward()
+            _backward(loss)
             return loss
 
     elif kind == "s_ces":
@@ -81,7 +82,7 @@ def _make_step(variant: str, args):
             s = labels.shape[1]
             loss = sum(cross_entropy_loss(logits, labels[None, :, j]) / s for j in range(s))
             del logits
-            loss.backward()
+            _backward(loss)
             return loss
 
     else:  # fused, fused_ce
@@ -91,7 +92,7 @@ def _make_step(variant: str, args):
         def step(h, w, labels):
             lab = labels if kind == "fused" else labels[:, 0]
             out = fused_linear_multi_hot_ce(h, w, lab, wts, chunk_size=args.chunk, step_fn=step_fn)
-            out.loss_sum.backward()
+            _backward(out.loss_sum)
             return out.loss_sum
 
     return step
@@ -127,14 +128,19 @@ def _reference_file(args, path: str) -> None:
     torch.save(out, path)
 
 
+def _backward(loss: torch.Tensor) -> None:
+    if loss.requires_grad:  # not under --no-grad
+        loss.backward()
+
+
 def _errors(loss, h, w, ref) -> dict:
     rl, rdh, rdw = ref
     rel = lambda a, r: float((a.double().cpu() - r).abs().max() / r.abs().max().clamp_min(1e-300))  # noqa: E731
     return {
         "loss": float(loss),
         "max_rel_err_loss": float(abs(float(loss) - float(rl)) / abs(float(rl))),
-        "max_rel_err_grad_h": rel(h.grad, rdh),
-        "max_rel_err_grad_w": rel(w.grad, rdw),
+        "max_rel_err_grad_h": rel(h.grad, rdh) if h.grad is not None else float("nan"),
+        "max_rel_err_grad_w": rel(w.grad, rdw) if w.grad is not None else float("nan"),
     }
 
 
@@ -153,7 +159,8 @@ def run_variant(variant: str, args) -> dict:
     device = torch.device(args.device)
     h, w, labels = _inputs(args, device)
     step = _make_step(variant, args)
-    step(h, w, labels)  # warm-up (and compile)
+    with torch.set_grad_enabled(not args.no_grad):
+        step(h, w, labels)  # warm-up (and compile)
     h.grad = w.grad = None
     times, peak = [], 0
     for rep in range(args.reps):
@@ -168,14 +175,15 @@ def run_variant(variant: str, args) -> dict:
                     f.write("5")  # reset the resident high-water mark
                 base = _proc_status("VmRSS")
         t0 = time.perf_counter()
-        loss = step(h, w, labels)
+        with torch.set_grad_enabled(not args.no_grad):
+            loss = step(h, w, labels)
         _sync(device)
         times.append(time.perf_counter() - t0)
         if rep == 0:
             peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _proc_status("VmHWM")) - base
     row = {
         "variant": variant, "device": args.device, "positions": args.positions, "vocab": args.vocab,
-        "dim": args.dim, "bag": args.bag, "dtype": args.dtype, "chunk": args.chunk,
+        "dim": args.dim, "bag": args.bag, "dtype": args.dtype, "chunk": args.chunk, "no_grad": args.no_grad,
         "time_ms": statistics.median(times) * 1e3, "peak_mem_bytes": int(peak), "reps": args.reps,
         "mem_method": "cuda max_memory_allocated" if device.type == "cuda" else "process RSS high-water mark",
         "torch": torch.__version__,
@@ -215,6 +223,8 @@ def main() -> None:
     p.add_argument("--max-cpu-gb", type=float, default=12.0,
                    help="on CPU, skip variants whose estimated peak exceeds this")
     p.add_argument("--json", help="write the rows (a JSON list) here")
+    p.add_argument("--no-grad", action="store_true",
+                   help="forward only under torch.no_grad (validation): the loss, no backward")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print its row
     p.add_argument("--ref", help=argparse.SUPPRESS)  # internal: reference file
     p.add_argument("--make-ref", help=argparse.SUPPRESS)  # internal: write the reference file
@@ -233,7 +243,7 @@ def main() -> None:
     base_cmd = [sys.executable, os.path.abspath(__file__), "--positions", str(args.positions),
                 "--vocab", str(args.vocab), "--dim", str(args.dim), "--bag", str(args.bag),
                 "--chunk", str(args.chunk), "--dtype", args.dtype, "--reps", str(args.reps),
-                "--device", args.device]
+                "--device", args.device] + (["--no-grad"] if args.no_grad else [])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,7 +265,8 @@ def main() -> None:
             print(f"  {v}: {r['time_ms']:.1f} ms, {r['peak_mem_bytes'] / 2**20:.1f} MiB", flush=True)
 
     print(f"device={args.device} positions={args.positions} vocab={args.vocab} dim={args.dim} "
-          f"s={args.bag} {args.dtype} h and W, head + loss fwd+bwd, median of {args.reps}, "
+          f"s={args.bag} {args.dtype} h and W, head + loss {'forward (no_grad)' if args.no_grad else 'fwd+bwd'}, "
+          f"median of {args.reps}, "
           f"fused chunk {args.chunk}")
     print(f"{'variant':<20}{'time (ms)':>12}{'peak (MiB)':>14}{'rel err loss':>14}"
           f"{'rel err dh':>12}{'rel err dW':>12}")

@@ -12,7 +12,8 @@ from tst_titan.config import Data
 from tst_titan.data import embedded
 from tst_titan.data.loader import TSTPackedDataset
 from tst_titan.errors import CheckpointMismatchError
-from tst_titan.data.sources import MapStyleSource, build_source
+from tst_titan.data.readers import MapStyleSource
+from tst_titan.data.sources import build_source
 from tst_titan.errors import DataError
 from tst_titan.data.tokenizer import build_tokenizer
 from tst_titan.schedule import Phase, TSTPlan

@@ -19,7 +19,8 @@ from tst_titan.data.loader import (
 )
 from tst_titan.data.sources import build_source
 from tst_titan.errors import DataError
-from tst_titan.data.store import StoreStream, TokenStore, prepare_store, source_texts
+from tst_titan.data.prepare import prepare_store, source_texts
+from tst_titan.data.store import StoreStream, TokenStore
 from tst_titan.data.tokenizer import build_tokenizer, resolve_tokenizer_path
 from tst_titan.schedule import TSTPlan
 
@@ -109,29 +110,47 @@ def test_stream_windows_tile_the_documents_and_resume(tmp_path, tokenizer, tok_d
     assert finite.take(len(expect) // 2 + 10**6) is None and finite.position == 0
 
 
+class _Interrupted:
+    """A source that dies inside piece ``die_at`` and counts the pieces it is asked for."""
+
+    def __init__(self, src, die_at=None):
+        self.src, self.die_at, self.asked = src, die_at, []
+        self.description, self.spec = src.description, None
+
+    def num_pieces(self, d):
+        return self.src.num_pieces(d)
+
+    def piece_batches(self, k, d, batch):
+        self.asked.append(k)
+        for i, texts in enumerate(self.src.piece_batches(k, d, 5)):
+            if k == self.die_at and i == 1:
+                raise KeyboardInterrupt
+            yield texts
+
+
 def test_interrupted_preparation_resumes_and_a_finished_one_is_a_no_op(tmp_path, tokenizer, tok_dir):
     _write_jsonl(tmp_path / "d.jsonl", 45)
     src = source_texts("local", str(tmp_path / "d.jsonl"), "train", Data())
-
-    def flaky(first, size):  # dies after handing out 25 documents (2.5 shards)
-        for k, batch in enumerate(src.batches(first, 5)):
-            if k == 5:
-                raise KeyboardInterrupt
-            yield batch
-
-    broken = type(src)(src.description, src.num_documents, flaky)
     out = tmp_path / "s"
+    first = _Interrupted(src, die_at=2)  # dies after handing out 25 documents (2.5 shards)
     with pytest.raises(KeyboardInterrupt):
-        prepare_store(broken, tokenizer, tok_dir, out, docs_per_shard=10, log=lambda _m: None)
+        prepare_store(first, tokenizer, tok_dir, out, docs_per_shard=10, log=lambda _m: None)
+    assert first.asked == [0, 1, 2]
     assert not (out / "manifest.json").exists() and (out / "shard-00001.json").exists()
+    assert not (out / "shard-00002.json").exists()
     with pytest.raises(DataError, match=r"^training.dataset_path: .* incomplete token store"):
         TokenStore(out)
-    logs = []
-    prepare_store(src, tokenizer, tok_dir, out, docs_per_shard=10, log=logs.append)
+    mtimes = {f.name: f.stat().st_mtime_ns for f in out.iterdir() if f.stem[-5:] in ("00000", "00001")}
+    assert len(mtimes) == 6  # tokens, docs and record of shards 0 and 1
+    logs, again = [], _Interrupted(src)
+    prepare_store(again, tokenizer, tok_dir, out, docs_per_shard=10, log=logs.append)
     assert "resuming after 2 finished shards" in logs[0]
+    assert again.asked == [2, 3, 4]  # finished shards are not redone ...
+    assert {f: (out / f).stat().st_mtime_ns for f in mtimes} == mtimes  # ... nor rewritten
     clean = _prepare(tmp_path, tmp_path / "d.jsonl", tokenizer, tok_dir, name="clean", docs_per_shard=10)
-    for f in sorted(p.name for p in clean.iterdir() if p.suffix == ".npy"):
-        assert (out / f).read_bytes() == (clean / f).read_bytes(), f
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
+    for f in clean.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
     prepare_store(src, tokenizer, tok_dir, out, docs_per_shard=10, log=logs.append)
     assert "store complete" in logs[-1]
     with pytest.raises(DataError, match="prepared with other arguments"):
@@ -208,6 +227,7 @@ def tiny_store(tmp_path_factory, tokenizer, tok_dir):
     return _prepare(d, d / "d.jsonl", tokenizer, tok_dir)
 
 
+@pytest.mark.slow
 def test_store_training_resumes_exactly_across_the_switch_and_epochs(tmp_path, tiny_store):
     """Reference run (0 workers) vs 2 workers vs resumes from step 2 (mid phase 1, after
     an epoch boundary) and step 4 (the switch): identical losses and served batches."""
@@ -262,6 +282,7 @@ def test_hub_source_with_workers_is_refused(tmp_path):
     assert last.startswith("tst-titan: error: training.dataloader.num_workers: a streamed hub dataset"), last
 
 
+@pytest.mark.slow
 def test_bench_data_prints_the_feed_ratios():
     import re
     import subprocess

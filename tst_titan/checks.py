@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tst_titan.data.sources import DATASET_KINDS, _local_files
+from tst_titan.data.sources import SourceSpec, check_source
 from tst_titan.data.store import TokenStore
 from tst_titan.data.tokenizer import resolve_tokenizer_path
 from tst_titan.errors import ConfigError, DataError
@@ -12,19 +12,11 @@ from tst_titan.schedule import AT_SWITCH, MODES, WEIGHTINGS
 
 
 def _check_dataset(kind: str, path: str | None, prefix: str) -> None:
-    if kind not in DATASET_KINDS:
-        raise ConfigError(
-            f"{prefix}.dataset: unknown dataset {kind!r}; use one of {list(DATASET_KINDS)} "
-            "(a hub dataset is dataset = 'hf' with dataset_path = '<name>')"
-        )
-    if kind in ("local", "hf", "store") and not path:
-        raise ConfigError(f"{prefix}.dataset_path: required when {prefix}.dataset = {kind!r}")
-
-    if kind == "local":
-        try:
-            _local_files(path, f"{prefix}.dataset_path")
-        except DataError as e:
-            raise ConfigError(str(e)) from None
+    """The registry's cheap checks of a section's source (kind, path, files, packages)."""
+    try:
+        check_source(SourceSpec.from_config(kind, path, prefix=prefix))
+    except DataError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_workers(kind: str, dl_cfg, prefix: str) -> None:

@@ -6,10 +6,18 @@ model's ``output`` module computes the loss itself, ``chunk_size`` rows at a tim
 
 - forward, per chunk: ``logits = h_c @ W.T`` in the compute dtype (bf16 under FSDP
   mixed precision), the fp32 logsumexp and the s target logits; and, when gradients
-  are needed, the chunk's logit gradient ``softmax * mass - sum_j w_j onehot(t_j)``
+  are needed, the chunk's logit gradient ``G_c = softmax * mass - sum_j w_j onehot(t_j)``
   (in the compute dtype) and its two matmuls, ``dH_c = G_c @ W`` and
-  ``dW += G_c.T @ h_c`` (accumulated in fp32). The chunk's logits are then freed.
-- backward: scales the stored ``dH`` and ``dW`` by the incoming scalar gradient.
+  ``dW += G_c.T @ h_c``, both with fp32 results (no per-chunk bf16 rounding of
+  ``dW``). The chunk's logits are then freed.
+- backward: scales the stored fp32 ``dH`` and ``dW`` by the incoming scalar gradient
+  in fp32 and casts each once, to the input's and the parameter's dtype.
+
+"When gradients are needed" is decided before the autograd Function, from
+``torch.is_grad_enabled()`` and the inputs' ``requires_grad``: under ``no_grad`` /
+``inference_mode`` (validation) the head runs one ``N x V x D`` matmul and allocates
+no gradient buffers (inside ``Function.forward`` grad mode is always off, and
+``ctx.needs_input_grad`` stays true under ``no_grad`` for a weight that requires grad).
 
 Computing the head's gradients during the forward (as Liger's fused linear
 cross-entropy and torchtitan main's ``ChunkedLossWrapper`` do) costs the stock three
@@ -27,12 +35,14 @@ export, evaluation and any other caller see logits.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchtitan.components.loss import IGNORE_INDEX
+from torchtitan.tools.logging import logger
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -47,9 +57,10 @@ class HeadLoss(NamedTuple):
 
 def chunk_step(
     h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, wv: torch.Tensor, with_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One row chunk: (lse [c] fp32, target logits [c, s] fp32, dH_c, dW_c) for a unit
-    upstream gradient. ``h`` [c, D] and ``w`` [V, D] are in the compute dtype.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One row chunk: (lse [c] fp32, target logits [c, s] fp32, and with ``with_grad``
+    the chunk's logit gradient ``G_c`` [c, V] for a unit upstream gradient, in the
+    compute dtype). ``h`` [c, D] and ``w`` [V, D] are in the compute dtype.
 
     Eager: in-place softmax and a ``scatter_add`` of the slot weights (one fp32
     [c, V] buffer). Compiled: the one-hot weights come from comparisons against the
@@ -62,7 +73,7 @@ def chunk_step(
     lse = torch.logsumexp(z, dim=-1)
     picked = z.gather(1, targets)
     if not with_grad:
-        return lse, picked, None, None
+        return lse, picked, None
     mass = wv.sum(-1, keepdim=True)
     if torch.compiler.is_compiling():
         g = multi_hot_logit_grad(z, lse, targets, wv, mass).to(h.dtype)
@@ -71,7 +82,7 @@ def chunk_step(
         z.scatter_add_(1, targets, -wv)
         g = z.to(h.dtype)
     del z
-    return lse, picked, g @ w, g.t() @ h
+    return lse, picked, g
 
 
 def multi_hot_logit_grad(
@@ -86,35 +97,97 @@ def multi_hot_logit_grad(
     return torch.exp(z - lse.unsqueeze(-1)) * mass - hot
 
 
+@functools.lru_cache(maxsize=None)
+def fp32_out_gemm(device: str, dtype: torch.dtype) -> bool:
+    """Whether this build multiplies ``dtype`` matrices straight into an fp32 output
+    (``torch.mm`` / ``torch.addmm`` with ``out_dtype``): CUDA builds of recent torch;
+    torch 2.13 has no CPU kernel. Probed once per device and dtype."""
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        out = torch.empty(2, 2, dtype=torch.float32, device=device)
+        torch.mm(a, a, out_dtype=torch.float32, out=out)
+        return bool((acc == 3).all() and (out == 2).all())
+    except (RuntimeError, NotImplementedError, TypeError):
+        if not device.startswith("cpu"):
+            logger.warning(
+                f"tst.fused_loss: no {dtype} GEMM with fp32 output on {device} in torch "
+                f"{torch.__version__}; the head's gradient matmuls run in fp32 (slower)"
+            )
+        return False
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out = a @ b``, summed and stored in ``out``'s dtype (fp32): never rounded to ``a``'s."""
+    if a.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
+
+
+def _addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in ``acc``'s dtype (fp32), the product never rounded to ``a``'s."""
+    if a.dtype == acc.dtype:
+        torch.addmm(acc, a, b, out=acc)
+    else:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+
+
+def chunked_loss(
+    h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, wv: torch.Tensor, compute_dtype: torch.dtype,
+    chunk_size: int, step_fn: Callable, need_h: bool, need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The chunk loop: (loss, slot sums, dloss/dh, dloss/dW); the gradients are fp32 and
+    only computed (and allocated) for ``need_h`` / ``need_w``. With neither, one
+    ``N x V x D`` matmul, the logsumexp and the target gathers: the forward-only path.
+
+    The gradient products ``G_c @ W`` and ``G_c.T @ h_c`` take compute-dtype operands
+    and keep fp32 results: fp32-output GEMMs where the build has them (CUDA), else the
+    same products from fp32 copies of the compute-dtype values (CPU: an fp32 matmul,
+    the same sums up to summation order). ``dW`` is accumulated over chunks in fp32.
+    """
+    n, s = targets.shape
+    dev = h.device
+    hc, wc = h.to(compute_dtype), w.to(compute_dtype)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    picked = torch.empty(n, s, dtype=torch.float32, device=dev)
+    with_grad = need_h or need_w
+    grad_h = torch.empty(h.shape, dtype=torch.float32, device=dev) if need_h else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=dev) if need_w else None
+    upcast = with_grad and compute_dtype != torch.float32 and not fp32_out_gemm(str(dev), compute_dtype)
+    w_dh = wc.float() if upcast and need_h else wc
+    with torch.autocast(dev.type, enabled=False):
+        for start in range(0, n, chunk_size):
+            rows = slice(start, min(n, start + chunk_size))
+            lse[rows], picked[rows], g = step_fn(hc[rows], wc, targets[rows], wv[rows], with_grad)
+            if g is None:
+                continue
+            if upcast:
+                g = g.float()  # exact: every compute-dtype value is an fp32 value
+            if need_h:
+                _mm_into(grad_h[rows], g, w_dh)
+            if need_w:
+                _addmm_into(grad_w, g.t(), hc[rows].float() if upcast else hc[rows])
+            del g
+    ce = lse.unsqueeze(-1) - picked
+    loss = (ce * wv).sum()
+    slot_sums = torch.where(wv > 0, ce, torch.zeros_like(ce)).sum(0)
+    return loss, slot_sums, grad_h, grad_w
+
+
 class _ChunkedLinearMultiHotCE(torch.autograd.Function):
     """loss = sum_n sum_j wv_nj (lse(h_n W^T) - (h_n W^T)[t_nj]), never more than one
-    chunk of logits alive; returns (loss, per-slot CE sums)."""
+    chunk of logits alive; returns (loss, per-slot CE sums). Only applied when a
+    gradient is needed (``need_h`` / ``need_w``, decided by the caller: inside
+    ``forward`` grad mode is always off and ``needs_input_grad`` ignores no_grad)."""
 
     @staticmethod
-    def forward(ctx, h, w, targets, wv, compute_dtype, chunk_size, step_fn):
-        n, s = targets.shape
-        with_grad = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        hc, wc = h.to(compute_dtype), w.to(compute_dtype)
-        lse = torch.empty(n, dtype=torch.float32, device=h.device)
-        picked = torch.empty(n, s, dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(hc) if with_grad else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if with_grad else None
-        with torch.autocast(h.device.type, enabled=False):
-            for start in range(0, n, chunk_size):
-                rows = slice(start, min(n, start + chunk_size))
-                lse_c, picked_c, gh, gw = step_fn(hc[rows], wc, targets[rows], wv[rows], with_grad)
-                lse[rows] = lse_c
-                picked[rows] = picked_c
-                if with_grad:
-                    grad_h[rows] = gh
-                    grad_w += gw
-                del gh, gw
-        ce = lse.unsqueeze(-1) - picked
-        loss = (ce * wv).sum()
-        slot_sums = torch.where(wv > 0, ce, torch.zeros_like(ce)).sum(0)
+    def forward(ctx, h, w, targets, wv, compute_dtype, chunk_size, step_fn, need_h, need_w):
+        loss, slot_sums, grad_h, grad_w = chunked_loss(
+            h, w, targets, wv, compute_dtype, chunk_size, step_fn, need_h, need_w)
         ctx.mark_non_differentiable(slot_sums)
-        if with_grad:
-            ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h.dtype, w.dtype)
         return loss, slot_sums
 
@@ -122,9 +195,10 @@ class _ChunkedLinearMultiHotCE(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_slots):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        dh = (grad_h * grad_loss.to(grad_h.dtype)).to(h_dtype)
-        dw = (grad_w * grad_loss).to(w_dtype)
-        return dh, dw, None, None, None, None, None
+        scale = grad_loss.float()  # the upstream scalar in fp32, one rounding per gradient
+        dh = None if grad_h is None else (grad_h * scale).to(h_dtype)
+        dw = None if grad_w is None else (grad_w * scale).to(w_dtype)
+        return dh, dw, None, None, None, None, None, None, None
 
 
 def fused_linear_multi_hot_ce(
@@ -164,9 +238,17 @@ def fused_linear_multi_hot_ce(
         compute_dtype = torch.get_autocast_dtype(dev)
     else:
         compute_dtype = weight.dtype
-    loss, slot_sums = _ChunkedLinearMultiHotCE.apply(
-        h.reshape(-1, h.shape[-1]), weight, targets, wv, compute_dtype, chunk_size, step_fn
-    )
+    flat_h = h.reshape(-1, h.shape[-1])
+    grad_on = torch.is_grad_enabled()  # off under no_grad / inference_mode (validation)
+    need_h, need_w = grad_on and h.requires_grad, grad_on and weight.requires_grad
+    if need_h or need_w:
+        loss, slot_sums = _ChunkedLinearMultiHotCE.apply(
+            flat_h, weight, targets, wv, compute_dtype, chunk_size, step_fn, need_h, need_w
+        )
+    else:  # forward only: no gradient work, no gradient buffers
+        loss, slot_sums, _, _ = chunked_loss(
+            flat_h, weight, targets, wv, compute_dtype, chunk_size, step_fn, False, False
+        )
     return HeadLoss(loss, slot_sums.detach(), valid.sum(0))
 
 
@@ -215,8 +297,6 @@ def install_fused_head(model: nn.Module, chunk_size: int, compile_backend: str |
         step_fn = torch.compile(chunk_step, backend=compile_backend)
     head = FusedLossHead.from_linear(model.output, chunk_size, step_fn)
     model.output = head
-    from torchtitan.tools.logging import logger
-
     logger.info(
         f"tst.fused_loss: output projection + loss in chunks of {chunk_size} positions"
         + (" (chunk step compiled)" if compile_backend else "")

@@ -8,8 +8,9 @@ Consecutive windows are adjacent, so no stream token is dropped or served twice,
 across the switch too.
 
 Two kinds of stream feed it: :class:`TextStream` tokenizes the documents of a text
-source in the loop (embedded, local, hf), :class:`tst_titan.data.store.StoreStream`
+source in the loop (embedded, python_env, local, hf), :class:`tst_titan.data.store.StoreStream`
 reads a pre-tokenized token store (``training.dataset = "store"``) from memory maps.
+Which one a ``dataset`` kind gives is the registry's answer (:mod:`tst_titan.data.sources`).
 
 The phase of a sample comes from :meth:`TSTPlan.phase` of the step the sample
 belongs to, ``samples_served // samples_per_step + 1`` (samples_per_step = local
@@ -37,9 +38,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 from torchtitan.components.dataloader import ParallelAwareDataloader
 
-from tst_titan.data.sources import build_source
-from tst_titan.data.store import StoreStream, TokenStore
-from tst_titan.errors import CheckpointMismatchError, DataError
+from tst_titan.data.sources import SourceSpec, open_reader
+from tst_titan.errors import CheckpointMismatchError
 from tst_titan.schedule import Phase, TSTPlan, plan_from_job_config
 
 
@@ -112,6 +112,12 @@ class TSTPackedDataset(IterableDataset, Stateful):
         self._initial_state = self._stream.state_dict() if restart_each_iter else None
         self.samples_served = 0
         self.tokens_consumed = 0
+
+    @property
+    def source(self) -> Stateful:
+        """What the windows are cut from: a text source or a token stream (for the
+        trainer's data budget)."""
+        return self._source
 
     def phase_of_next_sample(self) -> Phase:
         return self.plan.phase(self.samples_served // self.samples_per_step + 1)
@@ -206,21 +212,12 @@ def build_stream(
     kind: str, path: str | None, split: str, dp_rank: int, dp_world_size: int, tokenizer,
     data_cfg, loop: bool, key_prefix: str = "training",
 ) -> tuple[Stateful, Any]:
-    """(source or stream, tokenizer to tokenize it with, None for a token store)."""
-    if kind == "store":
-        key = f"{key_prefix}.dataset_path"
-        if not path:
-            raise DataError(f"{key}: required when {key_prefix}.dataset = 'store' (a token store directory)")
-        store = TokenStore(path, key)
-        tok_dir = getattr(tokenizer, "tokenizer_path", None)
-        if tok_dir is not None:
-            store.check_tokenizer(tok_dir)
-        stream = StoreStream(store, dp_rank, dp_world_size, seed=data_cfg.shuffle_seed,
-                             loop=loop, shuffle=split == "train")
-        return stream, None
-    source = build_source(kind, path, split, dp_rank, dp_world_size, data_cfg, loop=loop,
-                          key_prefix=key_prefix)
-    return source, tokenizer
+    """(reader of one rank, tokenizer to tokenize it with: None for a token store), from
+    the registry of data sources (:mod:`tst_titan.data.sources`)."""
+    spec = SourceSpec.from_config(kind, path, split, data_cfg, key_prefix)
+    reader, text = open_reader(spec, dp_rank, dp_world_size, seed=data_cfg.shuffle_seed, loop=loop,
+                               tokenizer_dir=getattr(tokenizer, "tokenizer_path", None))
+    return reader, tokenizer if text else None
 
 
 def _loader_kwargs(dl_cfg, batch_size: int) -> dict[str, Any]:

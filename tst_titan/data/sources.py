@@ -1,253 +1,275 @@
-"""Document sources: where text comes from, one data-parallel shard at a time.
+"""The registry of data sources: every ``dataset`` kind, in one place.
 
-A source yields document texts for one data-parallel rank and is ``Stateful``: its
-state says exactly which documents were handed out, so a resumed run continues with
-the next document. ``training.dataset`` picks the kind:
+=============  ==========================================  ==============================
+kind           ``dataset_path``                            documents
+=============  ==========================================  ==============================
+embedded       (unused)                                    the stdlib's ``.py`` files, in
+                                                           chunks (:mod:`.embedded`)
+python_env     installed packages beside the stdlib,       every ``.py`` file of this
+               comma-separated (empty: all of them)        interpreter, cleaned and
+                                                           deduplicated (:mod:`.pycorpus`)
+local          a file, directory or glob of ``.jsonl`` /   one per row (column
+               ``.json`` / ``.parquet`` / ``.txt``         ``data.text_field``) or per
+                                                           paragraph (:mod:`.local`)
+hf             a Hugging Face hub dataset name             streamed rows
+store          a token store directory                     tokens, already tokenized
+                                                           (:mod:`.store`)
+=============  ==========================================  ==============================
 
-- ``embedded``: the stdlib corpus shipped with Python, in file chunks
-  (:mod:`tst_titan.data.embedded`);
-- ``local``: ``training.dataset_path`` is a file, directory or glob of ``.jsonl`` /
-  ``.json`` / ``.parquet`` (column ``data.text_field``) or ``.txt`` files (one
-  document per paragraph), loaded map-style with Hugging Face ``datasets``;
-- ``hf``: ``training.dataset_path`` is a Hugging Face hub dataset name, streamed.
+Three users ask the registry and nothing else about kinds: the dataloader
+(:func:`open_reader`: one data-parallel rank's reader), the preparation of token stores
+(:func:`source_texts`: the documents, in pieces that can be tokenized independently)
+and the config checks (:func:`check_source`: cheap and offline, before any work).
 
-Map-style sources (embedded, local) shard by document index (rank r takes documents
-r, r+W, ...) of a seeded permutation that is redrawn every epoch; they resume exactly
-even after looping. Streaming sources resume through the ``datasets`` iterable's own
-state, which is exact within the first epoch only (torchtitan's behaviour too).
+An opened source is a :class:`DocumentList` (map-style: documents by index), a
+:class:`HubFiles` (a streamed hub dataset whose files are its pieces) or a
+:class:`~tst_titan.data.store.TokenStore`; each makes its own reader.
 """
 
 from __future__ import annotations
 
-import glob
-import os
-from pathlib import Path
+import dataclasses
+import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import numpy as np
 from torch.distributed.checkpoint.stateful import Stateful
 
-from tst_titan.data import embedded
+from tst_titan.data import embedded, pycorpus
+from tst_titan.data.local import load_local, local_files
+from tst_titan.data.readers import MapStyleSource, StreamingSource
+from tst_titan.data.store import TokenStore
 from tst_titan.errors import DataError, one_line_reason
 
-DATASET_KINDS = ("embedded", "local", "hf", "store")
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A data source as a config section or the prepare command names it. ``kind_key``
+    and ``path_key`` are the setting or option names that errors start with."""
+
+    kind: str
+    path: str | None = None
+    split: str = "train"  # "train" or "validation"
+    text_field: str = "text"
+    hf_config: str = ""
+    hf_split: str = "train"
+    hf_validation_split: str = "validation"
+    packages: tuple[str, ...] | None = None  # python_env: stdlib + only these packages
+    checked: bool = False  # opened before by this preparation: skip the full UTF-8 scan of local files
+    num_proc: int | None = None  # local: processes for the files' first conversion to Arrow
+    kind_key: str = "training.dataset"
+    path_key: str = "training.dataset_path"
+
+    @classmethod
+    def from_config(cls, kind: str, path: str | None, split: str = "train", data_cfg=None,
+                    prefix: str = "training", packages: tuple[str, ...] | None = None,
+                    keys: tuple[str, str] | None = None) -> SourceSpec:
+        """The spec of a ``[training]`` / ``[validation]`` section (``prefix``) and the
+        ``[data]`` section (``data_cfg``; None: defaults), or of the prepare command
+        (``keys = ("--source", "--path")``)."""
+        kind_key, path_key = keys or (f"{prefix}.dataset", f"{prefix}.dataset_path")
+        if kind == "python_env" and packages is None and path:
+            packages = tuple(p.strip() for p in path.split(",") if p.strip()) or None
+        data = {} if data_cfg is None else dict(
+            text_field=data_cfg.text_field, hf_config=data_cfg.hf_config, hf_split=data_cfg.hf_split,
+            hf_validation_split=data_cfg.hf_validation_split)
+        return cls(kind=kind, path=path or None, split=split, packages=tuple(packages) if packages else None,
+                   kind_key=kind_key, path_key=path_key, **data)
 
 
-def rank_order(
-    num_documents: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool = True
-) -> np.ndarray:
-    """Document indices rank ``rank`` of ``world`` reads in ``epoch``: every W-th entry of
-    a permutation drawn from ``seed + epoch`` (the identity when not shuffling).
+# -- opened sources -----------------------------------------------------------------------
+class DocumentList:
+    """Map-style text: ``num_documents`` documents addressed by index. Its pieces (for
+    preparation) are consecutive runs of ``docs_per_piece`` documents."""
 
-    Shared by text sources and token stores, so a store serves exactly the stream that
-    on-the-fly tokenization of the same documents would.
-    """
-    if shuffle:
-        order = np.random.default_rng(seed + epoch).permutation(num_documents)
-    else:
-        order = np.arange(num_documents)
-    return order[rank::world]
+    pieces_are_files = False
 
+    def __init__(self, description: dict[str, Any], num_documents: int, text: Callable[[int], str],
+                 texts: Callable[[int, int], list[str]] | None = None):
+        self.description, self.num_documents = description, num_documents
+        self.spec: SourceSpec | None = None  # set when opened from a spec (worker processes reopen it)
+        self.text = text
+        self._texts = texts or (lambda a, b: [text(i) for i in range(a, b)])
 
-class MapStyleSource(Stateful):
-    """Documents addressable by index; rank ``r`` of ``W`` reads every W-th of a
-    per-epoch permutation."""
+    def reader(self, dp_rank: int, dp_world_size: int, seed: int, loop: bool, shuffle: bool) -> MapStyleSource:
+        return MapStyleSource(self.text, self.num_documents, dp_rank, dp_world_size,
+                              seed=seed, loop=loop, shuffle=shuffle)
 
-    def __init__(
-        self,
-        get_document: Callable[[int], str],
-        num_documents: int,
-        dp_rank: int,
-        dp_world_size: int,
-        seed: int,
-        loop: bool = True,
-        shuffle: bool = True,
-    ):
-        if num_documents < dp_world_size:
-            raise DataError(
-                f"dataset has {num_documents} documents, fewer than the "
-                f"{dp_world_size} data-parallel ranks"
-            )
-        self.get_document = get_document
-        self.num_documents = num_documents
-        self._rank, self._world = dp_rank, dp_world_size
-        self._seed, self._loop, self._shuffle = seed, loop, shuffle
-        self.epoch, self.position = 0, 0
+    def num_pieces(self, docs_per_piece: int) -> int:
+        return max(1, math.ceil(self.num_documents / docs_per_piece))
 
-    @property
-    def documents_per_rank(self) -> int:
-        return len(range(self._rank, self.num_documents, self._world))
-
-    def _rank_order(self, epoch: int) -> list[int]:
-        return rank_order(self.num_documents, self._rank, self._world, self._seed, epoch, self._shuffle).tolist()
-
-    def __iter__(self) -> Iterator[str]:
-        while True:
-            order = self._rank_order(self.epoch)
-            while self.position < len(order):
-                idx = order[self.position]
-                self.position += 1  # count it before handing it out
-                yield self.get_document(idx)
-            if not self._loop:
-                return
-            self.epoch, self.position = self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state_dict["epoch"]), int(state_dict["position"])
+    def piece_batches(self, k: int, docs_per_piece: int, batch: int) -> Iterator[list[str]]:
+        stop = min(self.num_documents, (k + 1) * docs_per_piece)
+        for i in range(k * docs_per_piece, stop, batch):
+            yield self._texts(i, min(stop, i + batch))
 
 
-class StreamingSource(Stateful):
-    """A streamed Hugging Face dataset, split by node, looped by epoch."""
+class HubFiles:
+    """A hub dataset, streamed. Its pieces are its files (``datasets``' shards), so a
+    preparation in pieces never reads a finished file again."""
 
-    def __init__(self, dataset, text_field: str, loop: bool = True):
-        self._ds, self._field, self._loop = dataset, text_field, loop
-        self.epoch = 0
+    pieces_are_files = True
+
+    def __init__(self, description: dict[str, Any], dataset, text_field: str):
+        self.description, self._ds, self._field = description, dataset, text_field
+        self.spec: SourceSpec | None = None
         self.num_documents = None
 
-    def __iter__(self) -> Iterator[str]:
-        while True:
-            self._ds.set_epoch(self.epoch)
-            for row in self._ds:
-                yield row[self._field]
-            if not self._loop:
-                return
-            self.epoch += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "hf": self._ds.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.epoch = int(state_dict["epoch"])
-        self._ds.load_state_dict(state_dict["hf"])
-
-
-def _local_files(path: str, key: str) -> tuple[str, list[str]]:
-    if os.path.isdir(path):
-        files = sorted(
-            str(p) for p in Path(path).rglob("*") if p.suffix in _BUILDERS and p.is_file()
-        )
-    elif any(ch in path for ch in "*?["):
-        files = sorted(glob.glob(path, recursive=True))
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise DataError(f"{key}: {path!r} does not exist")
-    if not files:
-        raise DataError(f"{key}: no .jsonl/.json/.parquet/.txt files in {path!r}")
-    builders = {_BUILDERS.get(Path(f).suffix) for f in files}
-    if None in builders:
-        bad = next(f for f in files if Path(f).suffix not in _BUILDERS)
-        raise DataError(f"{key}: unsupported file type {bad!r} (use .jsonl, .json, .parquet or .txt)")
-    if len(builders) > 1:
-        raise DataError(f"{key}: mixes file types {sorted(builders)}; use one type per dataset")
-    return builders.pop(), files
-
-
-def _first_non_utf8(files: list[str]) -> str | None:
-    """``"<file> (byte N)"`` of the first byte that is not UTF-8, or None."""
-    import codecs
-
-    for f in files:
-        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                try:
-                    decoder.decode(chunk)
-                except UnicodeDecodeError as e:
-                    return f"{f} (byte {max(0, offset + e.start - len(decoder.getstate()[0]))})"
-                offset += len(chunk)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            return f"{f} (truncated character at the end)"
-    return None
-
-
-def _not_utf8_error(key: str, where: str) -> DataError:
-    return DataError(
-        f"{key}: {where} is not valid UTF-8; re-encode it (e.g. iconv -f latin1 -t utf-8) "
-        "or drop the bad bytes"
-    )
-
-
-def _load_local(path: str, key: str, text_field: str):
-    import datasets
-
-    builder, files = _local_files(path, key)
-    if all(os.path.getsize(f) == 0 for f in files):
-        raise DataError(f"{key}: {path!r} holds no documents (empty files)")
-    kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
-    try:
-        ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-    except Exception as e:  # surface the file and the reason in one line
-        bad = _first_non_utf8(files) if builder in ("text", "json") else None
-        if bad:
-            raise _not_utf8_error(key, bad) from e
-        reason = one_line_reason(e)
-        raise DataError(f"{key}: cannot read {path!r}: {reason}") from e
-    field = "text" if builder == "text" else text_field
-    if field not in ds.column_names:
-        raise DataError(
-            f"data.text_field: column {field!r} not in {path!r} (columns: {ds.column_names})"
-        )
-    if len(ds) == 0:
-        raise DataError(f"{key}: {path!r} holds no documents")
-    ds = ds.select_columns([field])
-    try:  # Arrow's own UTF-8 check of the text column, before any step runs
-        ds.data.table.validate(full=True)
-    except Exception as e:
-        raise _not_utf8_error(key, _first_non_utf8(files) or repr(path)) from e
-    return ds, field
-
-
-def build_source(
-    kind: str,
-    path: str | None,
-    split: str,
-    dp_rank: int,
-    dp_world_size: int,
-    data_cfg,
-    loop: bool,
-    key_prefix: str = "training",
-) -> Stateful:
-    """Build the document source for one data-parallel rank."""
-    kind_key, path_key = f"{key_prefix}.dataset", f"{key_prefix}.dataset_path"
-    def map_style(get_document: Callable[[int], str], n: int) -> MapStyleSource:
-        # Training data is reshuffled per epoch; validation keeps one fixed order.
-        return MapStyleSource(
-            get_document, n, dp_rank, dp_world_size,
-            seed=data_cfg.shuffle_seed, loop=loop, shuffle=split == "train",
-        )
-
-    if kind == "embedded":
-        docs = embedded.documents(split)
-        return map_style(lambda i: embedded.read_chunk(docs[i]), len(docs))
-    if kind == "local":
-        if not path:
-            raise DataError(f"{path_key}: required when {kind_key} = 'local'")
-        ds, field = _load_local(path, path_key, data_cfg.text_field)
-        return map_style(lambda i: ds[i][field] or "", len(ds))  # a null text is an empty document
-    if kind == "hf":
-        if not path:
-            raise DataError(f"{path_key}: required when {kind_key} = 'hf' (a hub dataset name)")
-        import datasets
+    def reader(self, dp_rank: int, dp_world_size: int, seed: int, loop: bool, shuffle: bool) -> StreamingSource:
         from datasets.distributed import split_dataset_by_node
 
-        hf_split = data_cfg.hf_split if split == "train" else data_cfg.hf_validation_split
-        try:
-            ds = datasets.load_dataset(
-                path, data_cfg.hf_config or None, split=hf_split, streaming=True
-            )
-        except Exception as e:
-            reason = one_line_reason(e)
-            raise DataError(f"{path_key}: cannot open Hugging Face dataset {path!r}: {reason}") from e
-        ds = split_dataset_by_node(ds, rank=dp_rank, world_size=dp_world_size)
-        return StreamingSource(ds, data_cfg.text_field, loop=loop)
-    raise DataError(
-        f"{kind_key}: unknown dataset {kind!r}; use one of {list(DATASET_KINDS)} "
-        "(a hub dataset is dataset = 'hf' with dataset_path = '<name>')"
-    )
+        ds = split_dataset_by_node(self._ds, rank=dp_rank, world_size=dp_world_size)
+        return StreamingSource(ds, self._field, loop=loop)
+
+    def num_pieces(self, docs_per_piece: int) -> int:
+        return int(self._ds.n_shards)
+
+    def piece_batches(self, k: int, docs_per_piece: int, batch: int) -> Iterator[list[str]]:
+        piece = self._ds.shard(num_shards=self._ds.n_shards, index=k, contiguous=True)
+        for rows in piece.iter(batch_size=batch):
+            yield [t or "" for t in rows[self._field]]  # a null text is an empty document
+
+
+# -- the kinds ------------------------------------------------------------------------------
+def _no_check(spec: SourceSpec) -> None:
+    pass
+
+
+def _packages_error(spec: SourceSpec, e: FileNotFoundError) -> DataError:
+    key = "--packages" if spec.kind_key.startswith("--") else spec.path_key
+    return DataError(f"{key}: {str(e).split(': ', 1)[-1]}")
+
+
+def _check_python_env(spec: SourceSpec) -> None:
+    try:
+        pycorpus.default_roots(spec.packages)
+    except FileNotFoundError as e:
+        raise _packages_error(spec, e) from None
+
+
+def _check_local(spec: SourceSpec) -> None:
+    local_files(spec.path, spec.path_key)
+
+
+def _open_embedded(spec: SourceSpec) -> DocumentList:
+    docs = embedded.documents(spec.split)
+    desc = {"kind": spec.kind, "path": spec.path, "split": spec.split, "corpus": embedded.corpus_fingerprint()}
+    return DocumentList(desc, len(docs), lambda i: embedded.read_chunk(docs[i]))
+
+
+def _open_python_env(spec: SourceSpec) -> DocumentList:
+    try:
+        corpus = pycorpus.default_corpus(spec.packages)
+    except FileNotFoundError as e:
+        raise _packages_error(spec, e) from None
+    docs = corpus.documents(spec.split)
+    desc = {"kind": spec.kind, "path": spec.path, "split": spec.split, "corpus": corpus.fingerprint()}
+    if spec.packages:
+        desc["packages"] = list(spec.packages)
+    return DocumentList(desc, len(docs), lambda i: corpus.read_document(docs[i]))
+
+
+def _open_local(spec: SourceSpec) -> DocumentList:
+    ds, col = load_local(spec.path, spec.path_key, spec.text_field, num_proc=spec.num_proc,
+                         validate=not spec.checked)
+    desc = {"kind": spec.kind, "path": spec.path, "split": spec.split, "text_field": col}
+    return DocumentList(desc, len(ds), lambda i: ds[i][col] or "",  # a null text is an empty document
+                        lambda a, b: [t or "" for t in ds[a:b][col]])
+
+
+def _open_hub(spec: SourceSpec) -> HubFiles:
+    import datasets  # heavy; only hub sources need it
+
+    hf_split = spec.hf_split if spec.split == "train" else spec.hf_validation_split
+    try:
+        ds = datasets.load_dataset(spec.path, spec.hf_config or None, split=hf_split, streaming=True)
+    except Exception as e:
+        raise DataError(f"{spec.path_key}: cannot open Hugging Face dataset {spec.path!r}: "
+                        f"{one_line_reason(e)}") from e
+    desc = {"kind": spec.kind, "path": spec.path, "split": spec.split, "hf_config": spec.hf_config,
+            "hf_split": hf_split, "text_field": spec.text_field}
+    return HubFiles(desc, ds, spec.text_field)
+
+
+def _open_store(spec: SourceSpec) -> TokenStore:
+    return TokenStore(spec.path, spec.path_key)
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    name: str
+    path_help: str | None  # what dataset_path holds when it is required
+    check: Callable[[SourceSpec], None]  # cheap and offline: before any work
+    open: Callable[[SourceSpec], DocumentList | HubFiles | TokenStore]
+    text: bool = True  # documents to tokenize (False: tokens, a store)
+
+
+KINDS: dict[str, SourceKind] = {k.name: k for k in (
+    SourceKind("embedded", None, _no_check, _open_embedded),
+    SourceKind("python_env", None, _check_python_env, _open_python_env),
+    SourceKind("local", "a file, directory or glob of .jsonl/.json/.parquet/.txt", _check_local, _open_local),
+    SourceKind("hf", "a hub dataset name", _no_check, _open_hub),
+    SourceKind("store", "a token store directory", _no_check, _open_store, text=False),
+)}
+DATASET_KINDS = tuple(KINDS)
+
+
+def kind_of(spec: SourceSpec) -> SourceKind:
+    if spec.kind not in KINDS:
+        raise DataError(
+            f"{spec.kind_key}: unknown dataset {spec.kind!r}; use one of {list(DATASET_KINDS)} "
+            "(a hub dataset is dataset = 'hf' with dataset_path = '<name>')"
+        )
+    return KINDS[spec.kind]
+
+
+def check_source(spec: SourceSpec) -> SourceKind:
+    """The cheap checks of ``spec`` (kind, path, local files present, packages installed)."""
+    kind = kind_of(spec)
+    if kind.path_help and not spec.path:
+        raise DataError(f"{spec.path_key}: required when {spec.kind_key} = {spec.kind!r} ({kind.path_help})")
+    kind.check(spec)
+    return kind
+
+
+def open_source(spec: SourceSpec) -> DocumentList | HubFiles | TokenStore:
+    return check_source(spec).open(spec)
+
+
+def open_reader(spec: SourceSpec, dp_rank: int, dp_world_size: int, seed: int, loop: bool,
+                tokenizer_dir: str | None = None) -> tuple[Stateful, bool]:
+    """(reader of one data-parallel rank, whether its output is text to tokenize). A
+    training split is reshuffled every epoch; a validation split keeps one fixed order.
+    A token store is checked against ``tokenizer_dir`` when given."""
+    kind = check_source(spec)
+    data = kind.open(spec)
+    if not kind.text and tokenizer_dir is not None:
+        data.check_tokenizer(tokenizer_dir)
+    reader = data.reader(dp_rank, dp_world_size, seed=seed, loop=loop, shuffle=spec.split == "train")
+    return reader, kind.text
+
+
+def build_source(kind: str, path: str | None, split: str, dp_rank: int, dp_world_size: int,
+                 data_cfg, loop: bool, key_prefix: str = "training") -> Stateful:
+    """The text reader of a config section's source, for one data-parallel rank."""
+    spec = SourceSpec.from_config(kind, path, split, data_cfg, key_prefix)
+    if not kind_of(spec).text:
+        raise DataError(f"{spec.kind_key}: {kind!r} holds tokens, not texts; use the source it was prepared from")
+    return open_reader(spec, dp_rank, dp_world_size, data_cfg.shuffle_seed, loop)[0]
+
+
+def text_source(spec: SourceSpec) -> DocumentList | HubFiles:
+    """The documents of a text source, for preparation."""
+    if not kind_of(spec).text:
+        raise DataError(f"{spec.kind_key}: {spec.kind!r} is already tokenized; prepare from a text source "
+                        f"({', '.join(k for k, v in KINDS.items() if v.text)})")
+    source = open_source(spec)
+    source.spec = spec
+    return source
+
+
+def source_texts(kind: str, path: str | None, split: str, data_cfg,
+                 packages: tuple[str, ...] | None = None, num_proc: int | None = None) -> DocumentList | HubFiles:
+    """The documents of a source as the prepare command names it (errors name its options)."""
+    spec = SourceSpec.from_config(kind, path, split, data_cfg, packages=packages, keys=("--source", "--path"))
+    return text_source(dataclasses.replace(spec, num_proc=num_proc))

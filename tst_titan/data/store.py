@@ -1,8 +1,9 @@
-"""The token store: documents tokenized once, read at GPU speed from memory maps.
+"""The token store's format: documents tokenized once, read at GPU speed from memory maps.
 
 A TST phase-1 step eats ``s`` times the data tokens of a plain step, so tokenizing in
 the training process starves a GPU (docs/RESULTS.md, "Data feed"). A store is made
-once by ``scripts/prepare_data.py`` and read by ``training.dataset = "store"``.
+once by ``scripts/prepare_data.py`` (:mod:`tst_titan.data.prepare`) and read by
+``training.dataset = "store"``.
 
 Layout of a store directory::
 
@@ -12,16 +13,18 @@ Layout of a store directory::
     docs-00000.npy          int64 [documents + 1]: document start offsets in the shard
     shard-00000.json        the shard's counts and file sizes (written last per shard)
     ...
+    part-00000-of-00001.json  one per part of the preparation: its shards, once final
     manifest.json           written last: only a complete store has one
 
-Shard ``k`` holds documents ``[k*D, (k+1)*D)`` of the source (``D`` documents per
-shard), so an interrupted preparation resumes at the first shard without its
-``shard-*.json`` and a finished one is a no-op. Files are written under a temporary
+Shard ``k`` holds the documents of piece ``k`` of the source: documents
+``[k*D, (k+1)*D)`` of a map-style source (``docs_per_shard = D``), or file ``k`` of a
+hub dataset (``docs_per_shard = 0``). The manifest lists the shards in order; the
+store's documents are theirs, concatenated. Every file is written under a temporary
 name and renamed, so no reader ever sees half a file.
 
 Reading (:class:`StoreStream`) needs no tokenizer and keeps no buffer: the stream of
 one data-parallel rank is the concatenation of its documents in a per-epoch order
-(:func:`tst_titan.data.sources.rank_order`, the same order on-the-fly sources use), so
+(:func:`tst_titan.data.readers.rank_order`, the same order on-the-fly sources use), so
 any token range of it is found from the document lengths alone. Its checkpointed state
 is one integer, the stream position.
 """
@@ -31,23 +34,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from dataclasses import asdict, dataclass, field
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
+from numpy.lib import format as npy_format
 from torch.distributed.checkpoint.stateful import Stateful
 
-from tst_titan.data import embedded, pycorpus
-from tst_titan.data.sources import _load_local, rank_order
-from tst_titan.errors import CheckpointMismatchError, DataError, one_line_reason
+from tst_titan.data.readers import rank_order
+from tst_titan.errors import CheckpointMismatchError, DataError
 
 FORMAT = "tst-titan-token-store/1"
 MANIFEST = "manifest.json"
 INTENT = "prepare.json"
-DOCS_PER_SHARD = 100_000
 PREPARE_HINT = "scripts/prepare_data.py"
+_NPY_HEADER = 128  # bytes of the .npy header np.save writes for any 1-D array
 
 
 # -- the tokenizer's identity -------------------------------------------------------
@@ -66,20 +69,6 @@ def store_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
-    """``[tokenizer.encode(t, add_bos=True, add_eos=True) for t in texts]``, batched.
-
-    ``tokenizer`` is torchtitan's ``HuggingFaceTokenizer``; the ``tokenizers`` library
-    encodes the batch on all cores, and BOS/EOS are added by the same rule as
-    ``HuggingFaceTokenizer.encode`` (only when the tokenizer does not add them itself).
-    """
-    encodings = tokenizer.tokenizer.encode_batch(texts)
-    add_bos = not tokenizer.hf_adds_bos and tokenizer.bos_id is not None
-    add_eos = not tokenizer.hf_adds_eos and tokenizer.eos_id is not None
-    head, tail = [tokenizer.bos_id] * add_bos, [tokenizer.eos_id] * add_eos
-    return [head + e.ids + tail for e in encodings]
-
-
 # -- the manifest -----------------------------------------------------------------------
 @dataclass
 class Manifest:
@@ -87,28 +76,91 @@ class Manifest:
     tokenizer_sha256: str
     vocab_size: int
     dtype: str
-    docs_per_shard: int
+    docs_per_shard: int  # 0: one shard per file of a hub dataset
     source: dict[str, Any]
     num_documents: int = 0
     num_tokens: int = 0
     shards: list[dict[str, Any]] = field(default_factory=list)
+    max_tokens: int | None = None  # the token cap of the preparation (None: the whole source)
+    num_parts: int = 1  # the cap is split over this many parts (only with a cap)
 
     def intent(self) -> dict[str, Any]:
-        """The fields a resumed preparation must agree on."""
-        keys = ("format", "tokenizer_sha256", "vocab_size", "dtype", "docs_per_shard", "source")
+        """The fields a resumed preparation must agree on (the cap and its parts only
+        when there is a cap, so stores prepared without one keep their intent)."""
+        keys = ["format", "tokenizer_sha256", "vocab_size", "dtype", "docs_per_shard", "source"]
+        if self.max_tokens is not None:
+            keys += ["max_tokens", "num_parts"]
         return {k: getattr(self, k) for k in keys}
 
+    def to_json(self) -> dict[str, Any]:
+        out = {**self.intent(), "num_documents": self.num_documents, "num_tokens": self.num_tokens,
+               "shards": self.shards}
+        return out
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+
+# -- writing files ----------------------------------------------------------------------
+def shard_files(k: int) -> tuple[str, str, str]:
+    """(tokens, document offsets, shard record) file names of shard ``k``."""
+    return f"tokens-{k:05d}.npy", f"docs-{k:05d}.npy", f"shard-{k:05d}.json"
+
+
+def part_file(part: int, num_parts: int) -> str:
+    return f"part-{part:05d}-of-{num_parts:05d}.json"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    # a name of its own: several machines may write the same file (the same content)
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
+
+
+def finish_shard(out: Path, k: int, lengths: list[int], tokens_bytes: int, tokens: int) -> dict[str, Any]:
+    """Shard ``k``'s document offsets and its record (written last: the shard is finished)."""
+    tok_name, doc_name, rec_name = shard_files(k)
+    off = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=off[1:])
+    save_npy_atomic(out / doc_name, off)
+    record = {"tokens_file": tok_name, "docs_file": doc_name, "tokens": int(tokens), "documents": len(lengths),
+              "tokens_bytes": tokens_bytes, "docs_bytes": (out / doc_name).stat().st_size}
+    write_json_atomic(out / rec_name, record)
+    return record
+
+
+class NpyWriter:
+    """A 1-D ``.npy`` file written piece by piece (memory stays at one piece), then
+    renamed into place: byte for byte what ``np.save`` of the concatenation writes."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype, self.size = Path(path), np.dtype(dtype), 0
+        self._tmp = self.path.with_name(self.path.name + ".tmp.npy")
+        self._fh = open(self._tmp, "wb")
+        self._fh.seek(_NPY_HEADER)
+
+    def append(self, array: np.ndarray) -> None:
+        self._fh.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
+        self.size += int(array.size)
+
+    def close(self) -> int:
+        """Write the header, rename into place; the file's size in bytes."""
+        self._fh.seek(0)
+        header = {"descr": npy_format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (self.size,)}
+        npy_format.write_array_header_1_0(self._fh, header)
+        assert self._fh.tell() == _NPY_HEADER, self._fh.tell()
+        self._fh.close()
+        os.replace(self._tmp, self.path)
+        return self.path.stat().st_size
+
+    def abort(self) -> None:
+        self._fh.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -193,6 +245,10 @@ class TokenStore:
                 f"(sha256 {self.manifest.tokenizer_sha256[:12]}, this run's {what} gives "
                 f"{mine[:12]}); prepare the data with this run's tokenizer"
             )
+
+    def reader(self, dp_rank: int, dp_world_size: int, seed: int, loop: bool, shuffle: bool) -> "StoreStream":
+        """One data-parallel rank's token stream (what the packing dataset reads)."""
+        return StoreStream(self, dp_rank, dp_world_size, seed=seed, loop=loop, shuffle=shuffle)
 
     def document(self, doc: int, start: int = 0, end: int | None = None) -> np.ndarray:
         """Tokens ``[start, end)`` of document ``doc`` (a view of the memory map)."""
@@ -297,176 +353,3 @@ class StoreStream(Stateful):
                 f"{self.store.key} now holds {self.store.identity()}"
             )
         self.position = int(state_dict["position"])
-
-
-# -- preparing ------------------------------------------------------------------------------
-@dataclass
-class TextSource:
-    """Documents to tokenize: ``batches(first_doc, size)`` yields lists of texts in order."""
-
-    description: dict[str, Any]
-    num_documents: int | None
-    batches: Callable[[int, int], Iterator[list[str]]]
-
-
-def _listed_source(desc: dict, docs: list, read: Callable[[Any], str]) -> TextSource:
-    """A source whose documents are a list of handles, each read into its text by ``read``."""
-
-    def batches(first: int, size: int) -> Iterator[list[str]]:
-        for i in range(first, len(docs), size):
-            yield [read(d) for d in docs[i : i + size]]
-
-    return TextSource(desc, len(docs), batches)
-
-
-def source_texts(kind: str, path: str | None, split: str, data_cfg,
-                 packages: tuple[str, ...] | None = None) -> TextSource:
-    """The documents of a source the recipe reads, in the order training indexes them.
-    ``packages``: python_env only, stdlib + these installed packages."""
-    desc = {"kind": kind, "path": path, "split": split}
-    if kind == "embedded":
-        desc["corpus"] = embedded.corpus_fingerprint()
-        return _listed_source(desc, embedded.documents(split), embedded.read_chunk)
-    if kind == "python_env":  # every .py file of this interpreter, deduplicated (pycorpus.py)
-        packages = tuple(packages) if packages else None
-        try:
-            corpus = pycorpus.default_corpus(packages)
-        except FileNotFoundError as e:
-            raise DataError(str(e)) from None
-        desc["corpus"] = corpus.fingerprint()
-        if packages:
-            desc["packages"] = list(packages)
-        return _listed_source(desc, corpus.documents(split), corpus.read_document)
-    if kind == "local":
-        if not path:
-            raise DataError("--path: required for a local source")
-        ds, col = _load_local(path, "--path", data_cfg.text_field)
-        desc["text_field"] = col
-
-        def batches(first: int, size: int) -> Iterator[list[str]]:
-            for i in range(first, len(ds), size):
-                yield [t or "" for t in ds[i : i + size][col]]
-
-        return TextSource(desc, len(ds), batches)
-    if kind == "hf":
-        import datasets
-
-        if not path:
-            raise DataError("--path: required for a hub source (a dataset name)")
-        hf_split = data_cfg.hf_split if split == "train" else data_cfg.hf_validation_split
-        desc.update(hf_config=data_cfg.hf_config, hf_split=hf_split, text_field=data_cfg.text_field)
-        try:
-            ds = datasets.load_dataset(path, data_cfg.hf_config or None, split=hf_split, streaming=True)
-        except Exception as e:
-            raise DataError(f"--path: cannot open Hugging Face dataset {path!r}: {one_line_reason(e)}") from e
-        total = None
-        try:
-            total = ds.info.splits[hf_split].num_examples
-        except Exception:
-            pass
-
-        def batches(first: int, size: int) -> Iterator[list[str]]:
-            for batch in ds.skip(first).iter(batch_size=size):
-                yield [t or "" for t in batch[data_cfg.text_field]]
-
-        return TextSource(desc, total, batches)
-    raise DataError(f"--source: unknown source {kind!r}; use embedded, python_env, local or hf")
-
-
-def _progress(total: int | None, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="doc", desc="tokenizing", smoothing=0.1,
-                mininterval=2.0, dynamic_ncols=True)
-
-
-def prepare_store(
-    source: TextSource,
-    tokenizer,
-    tokenizer_dir: str,
-    out: str | os.PathLike,
-    docs_per_shard: int = DOCS_PER_SHARD,
-    batch_docs: int = 1000,
-    log: Callable[[str], None] = print,
-) -> Manifest:
-    """Tokenize ``source`` into a store at ``out``; resumes an interrupted preparation."""
-    out = Path(out)
-    vocab = int(tokenizer.get_vocab_size())
-    m = Manifest(
-        format=FORMAT, tokenizer_sha256=tokenizer_fingerprint(tokenizer_dir), vocab_size=vocab,
-        dtype=store_dtype(vocab).name, docs_per_shard=docs_per_shard, source=source.description,
-    )
-    if (out / MANIFEST).is_file():
-        done = Manifest(**json.loads((out / MANIFEST).read_text()))
-        if done.intent() != m.intent():
-            raise DataError(f"--out: {str(out)!r} holds a store prepared with other arguments; "
-                            "remove it or choose another --out")
-        log(f"{out}: store complete ({done.num_documents:,} documents, {done.num_tokens:,} tokens)")
-        return done
-    out.mkdir(parents=True, exist_ok=True)
-    intent_f = out / INTENT
-    if intent_f.is_file():
-        if json.loads(intent_f.read_text()) != m.intent():
-            raise DataError(f"--out: {str(out)!r} holds a preparation with other arguments; "
-                            "remove it or choose another --out")
-    else:
-        _write_json_atomic(intent_f, m.intent())
-
-    # Finished shards are kept; the first unfinished one is redone from its first document.
-    shards: list[dict[str, Any]] = []
-    while (out / f"shard-{len(shards):05d}.json").is_file():
-        shards.append(json.loads((out / f"shard-{len(shards):05d}.json").read_text()))
-    first = len(shards) * docs_per_shard
-    if shards:
-        log(f"{out}: resuming after {len(shards)} finished shards ({first:,} documents)")
-    dtype = np.dtype(m.dtype)
-    bar = _progress(source.num_documents, first)
-    tokens: list[np.ndarray] = []
-    lengths: list[int] = []
-    n_tok_done, n_tok_new = sum(s["tokens"] for s in shards), 0
-    t0 = time.perf_counter()
-
-    def flush() -> None:
-        k = len(shards)
-        flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype)
-        off = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=off[1:])
-        tok_f, doc_f = out / f"tokens-{k:05d}.npy", out / f"docs-{k:05d}.npy"
-        _save_npy_atomic(tok_f, flat)
-        _save_npy_atomic(doc_f, off)
-        shard = {
-            "tokens_file": tok_f.name, "docs_file": doc_f.name, "tokens": int(flat.size),
-            "documents": len(lengths), "tokens_bytes": tok_f.stat().st_size,
-            "docs_bytes": doc_f.stat().st_size,
-        }
-        _write_json_atomic(out / f"shard-{k:05d}.json", shard)
-        shards.append(shard)
-        tokens.clear()
-        lengths.clear()
-
-    for texts in source.batches(first, batch_docs):
-        while texts:  # a batch may straddle a shard boundary
-            part, texts = texts[: docs_per_shard - len(lengths)], texts[docs_per_shard - len(lengths) :]
-            ids = encode_batch(tokenizer, part)
-            top = max((max(seq) for seq in ids if seq), default=0)
-            if top >= vocab:
-                raise DataError(f"--tokenizer: token id {top} >= its vocabulary size {vocab}")
-            tokens.extend(np.asarray(seq, dtype=dtype) for seq in ids)
-            lengths.extend(len(seq) for seq in ids)
-            n_tok_new += sum(len(seq) for seq in ids)
-            n_tok_done += sum(len(seq) for seq in ids)
-            bar.update(len(part))
-            rate = n_tok_new / max(1e-9, time.perf_counter() - t0) / 1e6
-            bar.set_postfix_str(f"{n_tok_done / 1e6:,.1f}M tokens, {rate:.2f}M tok/s", refresh=False)
-            if len(lengths) == docs_per_shard:
-                flush()
-    if lengths or not shards:
-        flush()
-    bar.close()
-    m.shards = shards
-    m.num_documents = sum(s["documents"] for s in shards)
-    m.num_tokens = sum(s["tokens"] for s in shards)
-    _write_json_atomic(out / MANIFEST, asdict(m))  # last: the store is now complete
-    log(f"{out}: {m.num_documents:,} documents, {m.num_tokens:,} tokens in {len(shards)} "
-        f"shards ({m.dtype}), {time.perf_counter() - t0:.1f} s")
-    return m

@@ -59,10 +59,12 @@ def run_logged(cmd: list, log_path: Path, env: dict | None = None, timeout: floa
 
 def torchrun(ctx: RowContext, dump: Path, config: Path, *overrides: str, nproc: int = 1,
              module: str = TRAIN_MODULE, env: dict | None = None) -> int:
-    """One training job; its log is ``<dump>.log`` next to the dump folder."""
+    """One training job; its log is ``<dump>.log`` next to the dump folder. Validation is
+    off (the paper configs validate on a held-out DCLM store a check machine lacks); a row
+    can turn it on in ``overrides``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
            "--rdzv_endpoint=localhost:0", "-m", module, "--job.config_file", config, "--job.dump_folder", dump,
-           *overrides]
+           "--validation.no-enable", *overrides]
     dump.parent.mkdir(parents=True, exist_ok=True)
     extra = {} if ctx.cuda else {"OMP_NUM_THREADS": "1"}
     return run_logged(cmd, run_log(dump), env=offline_env(**extra, **(env or {})))

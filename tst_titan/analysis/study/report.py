@@ -217,13 +217,21 @@ def ablation_lines(results: dict[str, RunResult], clusters: np.ndarray | None) -
 def run_table(results: dict[str, RunResult], clusters: np.ndarray | None) -> list[str]:
     share = shared_with(results)
     lines = ["", "<details><summary>Every run</summary>", "",
-             "| run | final loss ± SE (clustered; i.i.d.) | data tokens | job time | commit | shared the 2 cores with |",
-             "|---|---|---|---|---|---|"]
+             "| run | final loss ± SE (clustered; i.i.d.) | data tokens | job time | load average at start, end "
+             "| commit | shared the 2 cores with (study runs) |",
+             "|---|---|---|---|---|---|---|"]
     for r in sorted(results.values(), key=lambda r: (r.size, r.steps, r.arm, r.seed)):
         iid = r.raw["val"][-1][2]
         lines.append(f"| {r.name} | {r.final_loss:.4f} ± {fmt(r.se(clusters))}; {fmt(iid)} | {int(r.data_tokens):,} "
-                     f"| {r.wall_seconds / 60:.1f} min | {r.raw['commit']} | {', '.join(share[r.name]) or '-'} |")
+                     f"| {r.wall_seconds / 60:.1f} min | {_loads(r)} | {r.raw['commit']} | {', '.join(share[r.name]) or '-'} |")
     return lines + ["", "</details>"]
+
+
+def _loads(r: RunResult) -> str:
+    """The machine's 1-minute load average when each attempt started and ended (2 cores:
+    above 2 means the run shared its core with more than the study)."""
+    return "; ".join(f"{a.get('load_start', math.nan):.1f}, {fmt(a.get('load_end'), '.1f')}"
+                     for a in r.raw["attempts"])
 
 
 def replace_section(document: str, section: str) -> str:
