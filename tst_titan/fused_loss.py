@@ -27,10 +27,19 @@ is exact.
 
 FSDP2: the head is torchtitan's own ``output`` module (same parameter, same FQN),
 called once per microbatch, so its pre-forward hook unshards the weight for the
-whole chunk loop and its backward hooks reduce the gradient as usual. The trainer
-(and validator) *arm* the head with the microbatch's labels right before the model
-forward (:func:`arm_fused_head`); an unarmed head is a plain ``nn.Linear``, so
-export, evaluation and any other caller see logits.
+whole chunk loop and its backward hooks reduce the gradient as usual.
+
+The contract, in three calls (torchtitan's ``forward_backward_step`` gives the loss
+function the model's output, so the labels reach the head beforehand):
+
+1. ``parallelize.py`` calls :func:`install_fused_head` before FSDP wraps the model;
+2. the trainer's and the validator's ``post_dataloading_process`` call
+   :func:`arm_fused_head` with the microbatch's labels (and slot weights) right before
+   the model forward; the armed head returns a :class:`HeadLoss` once, then disarms;
+3. :class:`tst_titan.loss.TSTLoss` turns a :class:`HeadLoss` into the loss.
+
+An unarmed head is a plain ``nn.Linear``, so export, evaluation and any other caller
+see logits.
 """
 
 from __future__ import annotations
