@@ -8,12 +8,16 @@ Writes config.json, model.safetensors, generation_config.json and the tokenizer 
 ``transformers.AutoModelForCausalLM.from_pretrained(OUT)`` loads the result. ``--config``
 is the run's TOML (model, flavor, tokenizer, TST plan); extra torchtitan overrides may
 follow ``--``. A checkpoint from the superposition phase is refused unless ``--force``.
+See tst_titan/export.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from tst_titan.errors import USER_ERRORS
+from tst_titan.export import export_hf, load_checkpoint_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,20 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="export a phase-1 (superposition) checkpoint anyway")
     ap.add_argument("overrides", nargs="*", help="torchtitan CLI overrides, after --")
     args = ap.parse_args(argv)
-
-    from tst_titan.checkpoint import CheckpointError
-    from tst_titan.errors import ConfigError
-    from tst_titan.export import ExportError, export_hf, load_checkpoint_model
-
     try:
         loaded = load_checkpoint_model(args.config, args.checkpoint, args.overrides)
         out = export_hf(loaded, args.out, dtype=args.dtype, force=args.force)
-    except (ConfigError, CheckpointError, ExportError) as e:
+    except USER_ERRORS as e:
         print(f"export_hf: error: {e}", file=sys.stderr)
         return 2
-    n = sum(p.numel() for p in loaded.model.parameters())
+    params = sum(p.numel() for p in loaded.model.parameters())
     print(f"exported step {loaded.step} ({loaded.job_config.model.name} {loaded.job_config.model.flavor}, "
-          f"{n:,} parameters, {args.dtype}) to {out}")
+          f"{params:,} parameters, {args.dtype}) to {out}")
     return 0
 
 

@@ -1,6 +1,7 @@
-"""scripts/bench_throughput.py times the model training would run, RoPE included.
+"""tst_titan.bench.throughput (scripts/bench_throughput.py) times the model training
+would run, RoPE included.
 
-The script used to cast the whole model with ``.to(torch.bfloat16)``, which also casts
+The benchmark used to cast the whole model with ``.to(torch.bfloat16)``, which also casts
 llama3's complex RoPE buffer ``freqs_cis`` to a real dtype and drops its imaginary
 part (with a warning only): on CUDA it timed a broken model. It now keeps fp32
 weights and runs bf16 under torchtitan's own single-device autocast.
@@ -9,21 +10,16 @@ weights and runs bf16 under torchtitan's own single-device autocast.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import warnings
 
 import torch
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import bench_throughput  # noqa: E402
+from tst_titan.bench.throughput import build_model
+from tst_titan.model import TSTLlama3
+from tst_titan.specs import tst_llama3_flavors
 
 
 def _fp32_reference(flavor: str, seq_len: int):
-    from tst_titan.model import TSTLlama3
-    from tst_titan.specs import tst_llama3_flavors
-
     torch.manual_seed(0)
     model = TSTLlama3(dataclasses.replace(tst_llama3_flavors[flavor], max_seq_len=seq_len))
     with torch.no_grad():
@@ -34,7 +30,7 @@ def _fp32_reference(flavor: str, seq_len: int):
 def test_bf16_setup_keeps_complex_rope_and_fp32_weights():
     ref = _fp32_reference("tiny", 32)
     assert ref.freqs_cis.is_complex()
-    model, autocast = bench_throughput.build_model("tiny", 32, torch.device("cpu"), "bf16")
+    model, autocast = build_model("tiny", 32, torch.device("cpu"), "bf16")
 
     assert model.freqs_cis.dtype == ref.freqs_cis.dtype == torch.complex64
     assert torch.equal(model.freqs_cis, ref.freqs_cis)

@@ -14,8 +14,13 @@ import sys
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
 from conftest import ROOT, TEST_CONFIG, ok, run_train
+from tst_titan.export import export_hf, load_checkpoint_model
+from tst_titan.model import TSTQwen3
+from tst_titan.specs import register_specs, tst_qwen3_flavors
 
 transformers = pytest.importorskip("transformers", reason="pip install -e '.[dev]' installs transformers")
 
@@ -52,8 +57,6 @@ def _compare(loaded, hf_dir, text: str) -> None:
 
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)
-    from torchtitan.components.tokenizer import HuggingFaceTokenizer
-
     titan_ids = HuggingFaceTokenizer(loaded.tokenizer_dir).encode(text, add_bos=True, add_eos=False)
     assert hf_tok(text)["input_ids"] == titan_ids  # same tokens, BOS included
     ids = torch.tensor([titan_ids])
@@ -68,8 +71,6 @@ def _compare(loaded, hf_dir, text: str) -> None:
 
 @pytest.mark.slow
 def test_llama3_export_matches_the_torchtitan_model(trained, tmp_path):
-    from tst_titan.export import load_checkpoint_model
-
     ckpt = trained / "checkpoint" / "step-8"
     out = tmp_path / "hf"
     proc = script("export_hf.py", "--config", str(TEST_CONFIG), "--checkpoint", str(ckpt), "--out", str(out))
@@ -114,12 +115,6 @@ def test_eval_ppl_agrees_between_checkpoint_and_export(trained, tmp_path):
 
 def test_qwen3_export_matches_the_torchtitan_model(tmp_path):
     """Dense qwen3 (q/k norms, explicit head_dim): a random-weight checkpoint written by DCP."""
-    import torch.distributed.checkpoint as dcp
-
-    from tst_titan.export import export_hf, load_checkpoint_model
-    from tst_titan.specs import register_specs, tst_qwen3_flavors
-    from tst_titan.model import TSTQwen3
-
     register_specs()
     torch.manual_seed(0)
     model = TSTQwen3(tst_qwen3_flavors["tiny"])

@@ -8,7 +8,9 @@ but the leading BOS is predicted; together they cover every UTF-8 byte of the te
     loss = NLL / tokens,  perplexity = exp(loss),  bits per byte = NLL / ln 2 / bytes
 
 and bits per byte compares models with different tokenizers. ``logits_fn`` maps token
-ids ``[B, T]`` to logits ``[B, T, V]``: a torchtitan model or a transformers one.
+ids ``[B, T]`` to logits ``[B, T, V]``: a torchtitan model or a transformers one
+(:func:`load_eval_model`: a DCP checkpoint of a run, or a Hugging Face directory).
+Used by ``scripts/eval_ppl.py``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,20 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+from tst_titan.config import Data
+from tst_titan.data.sources import build_source
+from tst_titan.errors import CheckpointError, ConfigError, DataError
+from tst_titan.export import load_checkpoint_model
+from tst_titan.train import parse_config
+
+DEFAULT_SEQ_LEN = 2048  # window length without a run's config
 
 
 @dataclass
@@ -84,6 +96,70 @@ def evaluate(
     if full:
         run(full)
     if n_tok == 0:
-        raise ValueError("no tokens to evaluate: the held-out set is empty")
+        raise DataError("no tokens to evaluate: the held-out set is empty")
     loss = nll / n_tok
     return EvalResult(loss, math.exp(loss), nll / math.log(2) / max(1, n_bytes), n_tok, n_bytes, n_docs)
+
+
+@dataclass
+class EvalModel:
+    """What :func:`evaluate` needs of a model, and what it was loaded from."""
+
+    logits_fn: Callable[[torch.Tensor], torch.Tensor]
+    tokenizer_dir: str
+    job_config: Any | None  # the run's config: held-out data and seq_len; None for a bare --hf
+    description: str
+
+
+def load_eval_model(
+    checkpoint: str | None = None, hf: str | None = None, config: str | None = None,
+    overrides: list[str] | None = None,
+) -> EvalModel:
+    """A run's DCP ``checkpoint`` (built from its TOML ``config`` plus ``overrides``), or
+    a Hugging Face directory ``hf`` (with ``config``, that run's held-out data is used)."""
+    if checkpoint:
+        loaded = load_checkpoint_model(config, checkpoint, overrides)
+        return EvalModel(
+            loaded.model, loaded.tokenizer_dir, loaded.job_config,
+            f"checkpoint {checkpoint} (step {loaded.step}, switch after {loaded.switch_step})",
+        )
+    from transformers import AutoModelForCausalLM  # optional: pip install -e ".[dev]"
+
+    if not (Path(hf) / "config.json").is_file():
+        raise CheckpointError(f"--hf {hf}: no config.json (not a Hugging Face model directory)")
+    job_config = parse_config(["--job.config_file", config, *(overrides or [])]) if config else None
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    return EvalModel(lambda ids: model(ids).logits, hf, job_config, f"Hugging Face model {hf}")
+
+
+def held_out_documents(job_config: Any | None) -> Iterable[str]:
+    """The ``[validation]`` dataset of a run's config (as in training), or the embedded
+    corpus's validation split without one; read once, in order."""
+    if job_config is None:
+        return build_source("embedded", None, "validation", 0, 1, Data(), loop=False)
+    v = job_config.validation
+    return build_source(
+        v.dataset, v.dataset_path, "validation", 0, 1, job_config.data, loop=False, key_prefix="validation"
+    )
+
+
+def evaluate_model(
+    model: EvalModel, seq_len: int | None = None, max_tokens: int | None = None, batch_size: int = 8,
+) -> tuple[EvalResult, int]:
+    """:func:`evaluate` on the model's held-out documents, ``[BOS] text [EOS]`` each; the
+    window is ``seq_len``, else the run's ``training.seq_len``, else :data:`DEFAULT_SEQ_LEN`.
+    Returns the result and the window used."""
+    if seq_len is None:
+        seq_len = model.job_config.training.seq_len if model.job_config else DEFAULT_SEQ_LEN
+    if seq_len < 1:
+        raise ConfigError(f"--seq-len: must be at least 1, got {seq_len}")
+    tokenizer = HuggingFaceTokenizer(model.tokenizer_dir)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_bos=True, add_eos=True)
+
+    result = evaluate(
+        model.logits_fn, encode, held_out_documents(model.job_config), seq_len,
+        max_tokens=max_tokens, batch_size=batch_size,
+    )
+    return result, seq_len

@@ -51,6 +51,16 @@ def checkpoint_step(checkpoint: str | Path) -> int:
     return int(m.group(1))
 
 
+def model_source_error(checkpoint: str | None, hf: str | None, config: str | None) -> str | None:
+    """Why a command line's model source is unusable, or None: exactly one of
+    ``--checkpoint`` and ``--hf``, and a checkpoint needs its run's ``--config``."""
+    if bool(checkpoint) == bool(hf):
+        return "give exactly one of --checkpoint and --hf"
+    if checkpoint and not config:
+        return "--checkpoint needs --config (the run's TOML)"
+    return None
+
+
 def load_checkpoint_model(config_file: str, checkpoint: str, overrides: list[str] | None = None) -> LoadedCheckpoint:
     """The run's model, built from its TOML (plus overrides), with the checkpoint's weights."""
     cfg = parse_config(["--job.config_file", str(config_file), *(overrides or [])])

@@ -17,7 +17,6 @@ Two additions, both about how data-parallel gradients are reduced:
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torchtitan.models.llama3.infra.parallelize import parallelize_llama

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from torchtitan.models.llama3 import TransformerModelArgs, llama3_args
+from torchtitan.models.llama3 import TransformerModelArgs
 from torchtitan.models.moe import MoEArgs
-from torchtitan.models.qwen3 import Qwen3ModelArgs, qwen3_args
+from torchtitan.models.qwen3 import Qwen3ModelArgs
 from torchtitan.protocols.train_spec import get_train_spec, register_train_spec
 
 from tst_titan.data.loader import build_tst_dataloader
