@@ -150,3 +150,28 @@ def loaded_step(log: str) -> int | None:
         if "Loading the checkpoint from" in line:
             return int(line.rsplit("step-", 1)[1].split(".")[0].split("/")[0])
     return None
+
+
+# -- the embedded tokenizer (test_store, test_prepare) --------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The embedded BPE, as a run with ``hf_assets_path = "embedded"`` builds it."""
+    from tst_titan.config import Data
+    from tst_titan.data.tokenizer import build_tokenizer
+
+    class _Cfg:
+        class model:
+            hf_assets_path = "embedded"
+
+        data = Data()
+
+    return build_tokenizer(_Cfg)
+
+
+@pytest.fixture(scope="module")
+def tok_dir():
+    """Directory of the embedded BPE's tokenizer.json."""
+    from tst_titan.config import Data
+    from tst_titan.data.tokenizer import resolve_tokenizer_path
+
+    return resolve_tokenizer_path("embedded", Data().embedded_vocab_size)

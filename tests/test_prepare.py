@@ -24,27 +24,9 @@ from tst_titan.config import Data
 from tst_titan.data.prepare import Holdout, is_held_out, merge_parts, prepare_store, source_texts
 from tst_titan.data.sources import DATASET_KINDS
 from tst_titan.data.store import TokenStore
-from tst_titan.data.tokenizer import build_tokenizer, resolve_tokenizer_path
 from tst_titan.errors import ConfigError, DataError
 
 WORDS = ["def", "return", "self", "import", "class", "value", "x", "for", "in", "if", "while", "yield"]
-
-
-class _Cfg:
-    class model:
-        hf_assets_path = "embedded"
-
-    data = Data()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer(_Cfg)
-
-
-@pytest.fixture(scope="module")
-def tok_dir():
-    return resolve_tokenizer_path("embedded", Data().embedded_vocab_size)
 
 
 def _texts(n: int, seed: int, dup_every: int = 0) -> list[str]:

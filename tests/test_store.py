@@ -13,7 +13,6 @@ import torch
 
 from conftest import TEST_CONFIG, losses, ok, resume_copy, run_entry, run_train
 from tst_titan.config import Data
-from tst_titan.data import embedded
 from tst_titan.data.loader import (
     CheckpointMismatchError, TSTDataLoader, TSTPackedDataset, build_stream,
 )
@@ -21,25 +20,8 @@ from tst_titan.data.sources import build_source
 from tst_titan.errors import DataError
 from tst_titan.data.prepare import prepare_store, source_texts
 from tst_titan.data.store import StoreStream, TokenStore
-from tst_titan.data.tokenizer import build_tokenizer, resolve_tokenizer_path
+from tst_titan.data.tokenizer import resolve_tokenizer_path
 from tst_titan.schedule import TSTPlan
-
-
-class _Cfg:
-    class model:
-        hf_assets_path = "embedded"
-
-    data = Data()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer(_Cfg)
-
-
-@pytest.fixture(scope="module")
-def tok_dir():
-    return resolve_tokenizer_path("embedded", Data().embedded_vocab_size)
 
 
 def _write_jsonl(path: Path, n: int, seed: int = 0) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tst_titan.analysis.fmt import format_number
 from tst_titan.analysis.runs import Run
 from tst_titan.analysis.speedup import SpeedUp, annealed_ends, annealed_speedup, equal_loss_speedup
 from tst_titan.errors import RunError
@@ -32,7 +33,7 @@ def annealed_table(runs: list[Run]) -> str:
         su = annealed_speedup(ends, r)
         mark = " (extrapolated)" if su.extrapolated and su.baseline_steps is not None else ""
         lines.append(f"| {r.name} | {r.final_step} | {r.final_loss:.4f} "
-                     f"| {_fmt(su.baseline_steps, '.0f', 'no slope')}{mark} | {_x(su.steps)} | {_x(su.flops)} |")
+                     f"| {format_number(su.baseline_steps, '.0f', 'no slope')}{mark} | {_x(su.steps)} | {_x(su.flops)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -46,10 +47,6 @@ def pick_baseline(runs: list[Run], name: str | None) -> Run:
         if r.switch_step is None:
             return r
     return runs[0]
-
-
-def _fmt(x: float | None, spec: str, none: str = "not reached") -> str:
-    return none if x is None else format(x, spec)
 
 
 def _x(ratio: float | None) -> str:
@@ -77,7 +74,7 @@ def markdown_table(runs: list[Run], baseline: Run, spread: dict[str, float] | No
         else:
             su = equal_loss_speedup(baseline, r)
         lines.append(
-            f"| {r.name} | {tst} | {r.final_step} | {loss} | {_fmt(su.step, '.0f')} "
+            f"| {r.name} | {tst} | {r.final_step} | {loss} | {format_number(su.step, '.0f', 'not reached')} "
             f"| {_x(su.steps)} | {_x(su.wall)} | {_x(su.flops)} | {int(r.at(r.data_tokens, r.final_step)):,} |"
         )
     return "\n".join(lines) + "\n"

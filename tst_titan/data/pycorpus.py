@@ -57,11 +57,12 @@ from typing import Any
 import numpy as np
 
 from tst_titan.data.embedded import chunk_bounds
+from tst_titan.data.minhash import ALPHA, EMPTY, MAX_TEXT_BYTES, MINHASH_BINS, estimated_jaccard, shingles, signature
 from tst_titan.data.tokenizer import cache_dir
 
 VERSION = 1  # bump when a rule below changes: it is part of the cache key and fingerprint
 VALIDATION_EVERY = 50
-MAX_FILE_BYTES = 1_000_000
+MAX_FILE_BYTES = MAX_TEXT_BYTES
 MIN_FILE_CHARS = 100
 HEADER_CHARS = 2_000
 MAX_LINE_CHARS = 10_000
@@ -69,9 +70,7 @@ LONG_LINE_CHARS = 300
 MAX_LONG_LINE_SHARE = 0.2
 MIN_ALPHA_RATIO = 0.4
 NEAR_DUP_JACCARD = 0.7
-SHINGLE_TOKENS = 5
-MINHASH_BINS = 64
-BAND_ROWS = 4
+BAND_ROWS = 4  # LSH band width (bins); the signature itself is tst_titan.data.minhash's
 MAX_BUCKET = 32  # kept files remembered per LSH bucket (bounds the work on boilerplate)
 
 SPLITS = ("train", "validation")
@@ -111,81 +110,6 @@ def default_roots(packages: tuple[str, ...] | None = None) -> dict[str, Path]:
     return {k: v for k, v in roots.items() if v.is_dir()}
 
 
-# -- near-duplicate signatures (numpy, no per-token Python) -------------------------------
-_MASK64 = (1 << 64) - 1
-_P = np.uint64(0x100000001B3)  # odd: invertible modulo 2**64
-_P_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
-_Q = np.uint64(0x9E3779B97F4A7C15)
-_ALPHA = np.zeros(256, dtype=bool)
-_ALPHA[list(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")] = True
-_WORD = _ALPHA.copy()
-_WORD[list(b"0123456789_")] = True
-
-
-@functools.lru_cache(maxsize=1)
-def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """P**i and P**-i modulo 2**64 for i < n (uint64 arithmetic wraps)."""
-    p = np.full(n, _P, dtype=np.uint64)
-    p[0] = 1
-    q = np.full(n, _P_INV, dtype=np.uint64)
-    q[0] = 1
-    return np.cumprod(p, dtype=np.uint64), np.cumprod(q, dtype=np.uint64)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: a bijection of uint64 that spreads every input bit."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * np.uint64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def shingles(code: bytes) -> np.ndarray:
-    """Sorted unique 64-bit hashes of every ``SHINGLE_TOKENS`` consecutive tokens
-    (maximal runs of ``[A-Za-z0-9_]``) of ``code``."""
-    a = np.frombuffer(code, dtype=np.uint8)
-    w = _WORD[a]
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], w, [False])).view(np.int8)))
-    starts, ends = edges[0::2], edges[1::2]
-    if len(starts) < SHINGLE_TOKENS:
-        return np.zeros(0, dtype=np.uint64)
-    pw, pinv = _powers(MAX_FILE_BYTES + 1)
-    prefix = np.zeros(len(a) + 1, dtype=np.uint64)
-    np.cumsum(a.astype(np.uint64) * pw[: len(a)], out=prefix[1:])
-    tok = _mix((prefix[ends] - prefix[starts]) * pinv[starts])  # position-independent
-    n = len(tok) - SHINGLE_TOKENS + 1
-    sh = np.zeros(n, dtype=np.uint64)
-    for j in range(SHINGLE_TOKENS):
-        sh = sh * _Q + tok[j : j + n]
-    return np.unique(_mix(sh))
-
-
-_EMPTY = np.uint64(_MASK64)
-_BIN_SHIFT = np.uint64(64 - int(np.log2(MINHASH_BINS)))
-
-
-def signature(sh: np.ndarray) -> np.ndarray:
-    """One-permutation MinHash: bin = top bits of the (mixed) shingle hash, value = the
-    smallest hash in the bin; ``_EMPTY`` for an empty bin. ``sh`` sorted unique."""
-    sig = np.full(MINHASH_BINS, _EMPTY, dtype=np.uint64)
-    if len(sh) == 0:
-        return sig
-    bins = (sh >> _BIN_SHIFT).astype(np.int64)
-    first = np.searchsorted(bins, np.arange(MINHASH_BINS), side="left")
-    has = first < len(sh)
-    has[has] &= bins[first[has]] == np.arange(MINHASH_BINS)[has]
-    sig[has] = sh[first[has]]
-    return sig
-
-
-def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """Share of bins holding the same minimum among bins non-empty in either signature."""
-    used = (a != _EMPTY) | (b != _EMPTY)
-    n = int(used.sum())
-    return float(((a == b) & used).sum()) / n if n else 0.0
-
-
 # -- per-file rules --------------------------------------------------------------------------
 def drop_reason(raw: bytes) -> str | None:
     """The first content rule (1-4 of the module docstring) ``raw`` breaks, or None."""
@@ -203,7 +127,7 @@ def drop_reason(raw: bytes) -> str | None:
     lengths = np.fromiter((len(line) for line in text.split("\n")), dtype=np.int64)
     if lengths.max() > MAX_LINE_CHARS or lengths[lengths > LONG_LINE_CHARS].sum() > MAX_LONG_LINE_SHARE * len(text):
         return "long_lines"
-    alpha = int(_ALPHA[np.frombuffer(stripped, dtype=np.uint8)].sum())
+    alpha = int(ALPHA[np.frombuffer(stripped, dtype=np.uint8)].sum())
     if alpha < MIN_ALPHA_RATIO * len(stripped):
         return "low_alpha"
     return None
@@ -342,7 +266,7 @@ class PyCorpus:
                 keys = [
                     (b, sig[b * BAND_ROWS : (b + 1) * BAND_ROWS].tobytes())
                     for b in range(MINHASH_BINS // BAND_ROWS)
-                    if not (sig[b * BAND_ROWS : (b + 1) * BAND_ROWS] == _EMPTY).any()
+                    if not (sig[b * BAND_ROWS : (b + 1) * BAND_ROWS] == EMPTY).any()
                 ]
                 seen: set[int] = set()
                 for key in keys:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tst_titan.analysis.fmt import format_number
 from tst_titan.analysis.stats import clustered_se, crossover, fit_power_law, loglinear_steps, mean_sd
 from tst_titan.analysis.study.plan import RunSpec
 from tst_titan.analysis.study.results import RunResult
@@ -26,8 +27,8 @@ BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 
 
 def fmt(x: float | None, spec: str = ".4f", none: str = "n/a") -> str:
-    """A number, or ``none`` for None / NaN."""
-    return none if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+    """A loss-like number to 4 decimals, or ``none`` when it was not measured."""
+    return format_number(x, spec, none)
 
 
 def spread(values: list[float], spec: str = "+.4f", unit: str = "") -> str:
