@@ -175,3 +175,23 @@ def tok_dir():
     from tst_titan.data.tokenizer import resolve_tokenizer_path
 
     return resolve_tokenizer_path("embedded", Data().embedded_vocab_size)
+
+
+def wait_all(procs: list[subprocess.Popen], logs: Path, timeout: float = 600, pattern: str = "*.log") -> None:
+    """Wait for every launched process (e.g. the nodes of a job); on a timeout kill them
+    all, and fail with the tails of the logs matching ``pattern`` in ``logs``."""
+    import time
+
+    def tails() -> str:
+        return "\n".join(f"--- {f.name}\n{f.read_text()[-4000:]}" for f in sorted(logs.glob(pattern)))
+
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            kill_tree(p)
+        pytest.fail(f"processes did not finish in {timeout} s:\n{tails()}")
+    if any(p.returncode != 0 for p in procs):
+        pytest.fail(f"rc={[p.returncode for p in procs]}:\n{tails()}")

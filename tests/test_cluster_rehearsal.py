@@ -19,14 +19,13 @@ import json
 import random
 import re
 import subprocess
-import time
 from pathlib import Path
 from types import ModuleType
 
 import pandas as pd
 import pytest
 
-from conftest import ROOT, TEST_CONFIG, free_port, kill_tree, losses, rows, train_env
+from conftest import ROOT, TEST_CONFIG, free_port, losses, rows, train_env, wait_all
 from tst_titan.data.store import TokenStore
 
 CAP = 6000  # --max-tokens of the training store: about a quarter of its side of the corpus
@@ -69,20 +68,6 @@ def launch_two_nodes(dump: Path, logs: Path, *overrides: str) -> list[subprocess
             procs.append(subprocess.Popen(["bash", "scripts/train.sh", "--job.dump_folder", str(dump), *overrides],
                                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     return procs
-
-
-def wait_all(procs: list[subprocess.Popen], logs: Path, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            kill_tree(p)
-        pytest.fail(f"runs did not finish in {timeout} s")
-    if any(p.returncode != 0 for p in procs):
-        tails = "\n".join(f"--- {f.name}\n{f.read_text()[-4000:]}" for f in sorted(logs.glob("*.log")))
-        pytest.fail(f"rc={[p.returncode for p in procs]}:\n{tails}")
 
 
 @pytest.mark.slow

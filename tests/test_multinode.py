@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TEST_CONFIG, free_port, kill_tree, loaded_step, losses, ok, run_train, train_env
+from conftest import ROOT, TEST_CONFIG, free_port, kill_tree, loaded_step, losses, ok, run_train, train_env, wait_all
 
 ARGS = ("--checkpoint.enable", "--checkpoint.interval", "1", "--data.trace")
 STEPS = 8  # tests/assets/tiny_cpu.toml: superposition steps 1-4, next-token steps 5-8
@@ -47,19 +47,6 @@ def launch_nodes(dump: Path, port: int, logs: Path) -> list[subprocess.Popen]:
 
 def log_tail(logs: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-5000:]}" for p in sorted(logs.glob("node*.log")))
-
-
-def wait_all(procs: list[subprocess.Popen], logs: Path, timeout: float = 400) -> None:
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            kill_tree(p)
-        pytest.fail(f"nodes did not finish in {timeout} s:\n{log_tail(logs)}")
-    if any(p.returncode != 0 for p in procs):
-        pytest.fail(f"rc={[p.returncode for p in procs]}:\n{log_tail(logs)}")
 
 
 def trace_lines(dump: Path) -> dict[tuple[int, int], list[str]]:
@@ -89,7 +76,7 @@ def reference(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_two_nodes_train_like_one_launch(reference, tmp_path):
     dump = tmp_path / "job"
-    wait_all(launch_nodes(dump, free_port(), tmp_path), tmp_path)
+    wait_all(launch_nodes(dump, free_port(), tmp_path), tmp_path, pattern="node*.log")
 
     want, got = losses(reference), losses(dump)
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -125,7 +112,7 @@ def test_node_killed_then_relaunched_resumes_exactly(reference, tmp_path):
 
     for p in tmp_path.glob("node*.log"):
         p.write_text("")  # keep only the relaunch's lines
-    wait_all(launch_nodes(dump, port, tmp_path), tmp_path)  # the same two commands again
+    wait_all(launch_nodes(dump, port, tmp_path), tmp_path, pattern="node*.log")  # the same two commands again
     for node in (0, 1):
         assert loaded_step((tmp_path / f"node{node}.log").read_text()) == saved[-1], log_tail(tmp_path)
 
