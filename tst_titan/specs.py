@@ -51,7 +51,7 @@ tst_llama3_flavors: dict[str, TransformerModelArgs] = {
     "3B": TransformerModelArgs(
         dim=3072, n_layers=24, n_heads=24, n_kv_heads=8, vocab_size=LLAMA3_VOCAB,
         multiple_of=256, rope_theta=500000,
-    ),  # 3.15B total
+    ),  # 3.20B total (3,204,074,496)
 }
 
 
