@@ -304,6 +304,7 @@ def test_dw_is_accumulated_in_fp32_across_chunks():
     assert ((wb.grad.float() - rounded.float()).abs() <= ulp).all()
 
 
+@pytest.mark.slow  # three 2-rank torchrun jobs
 def test_bf16_fsdp_fused_matches_unfused_across_the_switch(tmp_path):
     """2 ranks (FSDP2, gloo), bf16 mixed precision, 4 superposition + 4 next-token steps,
     validation (no_grad) at steps 4 and 8: fused within 5e-4 of the unfused losses and

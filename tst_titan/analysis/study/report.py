@@ -167,7 +167,8 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
             mark = " (extrapolated)" if row["extrapolated"] else ""
             out.append(f"| {r.name} | {r.final_loss:.4f} | " + ", ".join(f"{n}: {y:.4f}" for n, y in row["ladder"])
                        + f" | {fmt(row['n_lin'], '.0f', 'ladder not falling')}{mark} "
-                       f"| {fmt(row['speed_lin'], '.2f')}x | {fmt(row['n_law'], '.0f')} | {fmt(row['speed_law'], '.2f')}x "
+                       f"| {fmt(row['speed_lin'], '.2f')}{'x' if row['speed_lin'] else ''} | {fmt(row['n_law'], '.0f')} "
+                       f"| {fmt(row['speed_law'], '.2f')}{'x' if row['speed_law'] else ''} "
                        f"| {resid} |")
         by_steps: dict[int, list[float]] = defaultdict(list)
         for row in sp:
@@ -187,10 +188,13 @@ def crossover_lines(rows: list[dict]) -> list[str]:
     if len(rows) < 2:
         return []
     lines = [""]
+    few = min(len(r["gaps"]) for r in rows) < 3
     for key, label in (("tpp", "total"), ("tpp_ne", "non-embedding")):
         est, lo, hi = crossover([r[key] for r in rows], [r["gaps"] for r in rows])
-        lines.append(f"- Crossover (gap = 0), baseline tokens per {label} parameter: {fmt(est, '.2f', 'none in range')} "
-                     f"(95% bootstrap over seeds: {fmt(lo, '.2f', 'below range')} to {fmt(hi, '.2f', 'above range')}).")
+        interval = ("no interval yet: a length has fewer than 3 seeds" if few else
+                    f"95% bootstrap over seeds: {fmt(lo, '.2f', 'below range')} to {fmt(hi, '.2f', 'above range')}")
+        lines.append(f"- Crossover (gap = 0), baseline tokens per {label} parameter: "
+                     f"{fmt(est, '.2f', 'none in range')} ({interval}).")
     return lines
 
 
