@@ -157,3 +157,18 @@ def test_a_study_refuses_runs_on_other_data_than_its_finished_runs(tmp_path):
     other = {**same, "train_store": {"path": "./data/x", "num_tokens": 5, "source": {"corpus": "abc"}}}
     with pytest.raises(RunError, match="train_store: .* but the finished runs read 5 tokens of corpus abc"):
         check_same_data(other, spec, settings)
+
+
+def test_a_rerun_keeps_the_committed_results_beside_the_clusters_file(tmp_path):
+    """The committed results folder also holds validation_clusters.json: a rerun reads past it
+    and starts nothing that is done."""
+    from tst_titan.analysis.study.runner import StudySettings, run_plan
+
+    results_dir = ROOT / "docs" / "results" / "study"
+    done = load_results(results_dir)
+    assert (results_dir / "validation_clusters.json").is_file() and done
+    plan = [s for s in study_plan() if s.name in done]
+    said: list[str] = []
+    failed = run_plan(plan, StudySettings(work=tmp_path, results=results_dir), log=said.append)
+    assert failed == [] and sum("done earlier, kept" in line for line in said) == len(plan)
+    assert not (tmp_path / "runs").exists()

@@ -28,6 +28,7 @@ from tst_titan.analysis.jsonio import write_json_atomic
 from tst_titan.analysis.provenance import commit_of, machine_line
 from tst_titan.analysis.runs import load_run
 from tst_titan.analysis.study.plan import ROOT, RunSpec
+from tst_titan.analysis.study.results import load_results
 from tst_titan.errors import RunError
 from tst_titan.model import TSTLlama3
 from tst_titan.specs import tst_llama3_flavors
@@ -165,7 +166,7 @@ def collect(spec: RunSpec, dump: Path, cmd: list[str], attempts: list[dict], s: 
         **model_facts(cfg.model.flavor),
         "positions_per_step": cfg.training.local_batch_size * cfg.training.seq_len,
         "lr": cfg.optimizer.lr, "decay_ratio": cfg.lr_scheduler.decay_ratio,
-        **stores_of(spec, s),
+        **_stores(cfg),
         "switch_step": run.switch_step, "bag_size": run.bag_size,
         "val": [[st, lo, None if se != se else se] for st, (lo, se) in sorted(val.items())],
         "final_loss": val[spec.steps][0],
@@ -230,14 +231,12 @@ def _hms(sec: float) -> str:
     return f"{sec // 3600}:{sec % 3600 // 60:02d}:{sec % 60:02d}"
 
 
-def load_results(results: Path) -> dict[str, dict[str, Any]]:
-    return {json.loads(f.read_text())["name"]: json.loads(f.read_text())
-            for f in sorted(results.glob("*.json"))}
-
-
 def stores_of(spec: RunSpec, s: StudySettings) -> dict[str, Any]:
     """The token stores a run reads (path, size, corpus), from its config."""
-    cfg = parse_config(["--job.config_file", str(s.cwd / spec.config)] + spec.overrides())
+    return _stores(parse_config(["--job.config_file", str(s.cwd / spec.config)] + spec.overrides()))
+
+
+def _stores(cfg) -> dict[str, Any]:
     return {
         "train_store": _store_facts(cfg.training.dataset_path) if cfg.training.dataset == "store" else None,
         "val_store": _store_facts(cfg.validation.dataset_path) if cfg.validation.dataset == "store" else None,
@@ -265,7 +264,7 @@ def run_plan(plan: list[RunSpec], s: StudySettings, log: Callable[[str], None] =
     done = load_results(s.results)
     todo = [x for x in plan if x.name not in done]
     if done and todo:
-        check_same_data(next(iter(done.values())), todo[0], s)
+        check_same_data(next(iter(done.values())).raw, todo[0], s)
     for x in plan:
         if x.name in done:
             log(f"{x.name}: done earlier, kept")
