@@ -8,7 +8,7 @@
 - :func:`loglinear_steps` / :func:`fit_power_law`: the baseline ladder's final loss
   against its length, read at a target loss (the equal-loss speed-up).
 - :func:`crossover`: where an equal-FLOPs gap changes sign against log tokens per
-  parameter, with a bootstrap interval over seeds.
+  parameter, with an interval that carries the seed spread and the held-out error.
 """
 
 from __future__ import annotations
@@ -99,32 +99,58 @@ def fit_power_law(steps: Sequence[float], losses: Sequence[float]) -> PowerLaw |
     return None if best is None else best[1]
 
 
-def crossover(x: Sequence[float], gaps_per_x: Sequence[Sequence[float]], n_boot: int = 2000,
-              seed: int = 0) -> tuple[float | None, float | None, float | None]:
-    """Where the mean gap crosses zero against log(x) (x: tokens per parameter, sorted
-    ascending; one list of per-seed gaps per x), linearly between the two points around
-    the first sign change from + to -. Returns (estimate, 2.5%, 97.5%), the interval from
-    resampling each x's seeds with replacement; a bootstrap draw without a crossing
-    counts as below (gap never positive) or above (never negative) the measured range."""
+@dataclass
+class Crossover:
+    """Where an equal-FLOPs gap changes sign, in the units of ``x``. ``-inf``: the gap is
+    never positive in the measured range (TST wins at every length); ``+inf``: never
+    negative (TST behind at every length). ``lo``/``hi`` (95%) are NaN without an interval."""
+
+    estimate: float
+    lo: float
+    hi: float
+    seed_sd: float  # pooled over lengths: the sd of one seed's gap
+    df: int  # its degrees of freedom: sum over lengths of (seeds - 1)
+
+
+def crossover(x: Sequence[float], gaps_per_x: Sequence[Sequence[float]],
+              se_per_x: Sequence[float] | None = None, n_draws: int = 4000, seed: int = 0) -> Crossover:
+    """Where the mean gap crosses zero against log(x) (x ascending, e.g. tokens per
+    parameter; one list of per-seed gaps per x): linearly in log(x) between the two
+    points around the first sign change from + to -.
+
+    The interval is a parametric simulation, because 1-3 seeds per length are too few to
+    resample: each draw takes the seed sd from its pooled estimate (scaled chi-square with
+    ``df`` degrees of freedom, so a handful of seeds widens it as Student's t does), moves
+    each length's mean gap by that sd / sqrt(its seeds) times a normal, plus its held-out
+    measurement error (``se_per_x``: the paired SE on the shared windows, which more seeds
+    do not shrink), and records where that draw crosses. No seed pairs at all (df = 0):
+    no interval."""
     lx = np.log(np.asarray(x, dtype=np.float64))
+    gaps = [np.asarray(g, dtype=np.float64) for g in gaps_per_x]
+    k = np.array([len(g) for g in gaps], dtype=np.float64)
+    means = np.array([g.mean() for g in gaps])
+    se = np.nan_to_num(np.asarray(se_per_x if se_per_x is not None else [0.0] * len(gaps), dtype=np.float64))
 
-    def cross(means: np.ndarray) -> float:
-        for i in range(len(means) - 1):
-            if means[i] > 0 >= means[i + 1]:
-                t = means[i] / (means[i] - means[i + 1])
+    def cross(m: np.ndarray) -> float:
+        for i in range(len(m) - 1):
+            if m[i] > 0 >= m[i + 1]:
+                t = m[i] / (m[i] - m[i + 1])
                 return float(lx[i] + t * (lx[i + 1] - lx[i]))
-        return -math.inf if np.all(means <= 0) else math.inf
+        return -math.inf if np.all(m <= 0) else math.inf
 
-    means = np.array([np.mean(g) for g in gaps_per_x])
-    est = cross(means)
+    df = int(sum(len(g) - 1 for g in gaps))
+    ss = float(sum(((g - g.mean()) ** 2).sum() for g in gaps))
+    sd = math.sqrt(ss / df) if df > 0 else math.nan
+    def back(v: float) -> float:  # log(x) -> x, keeping the +-inf of "out of range"
+        return v if math.isinf(v) else float(np.exp(v))
+
+    est = back(cross(means))
+    if df == 0:
+        return Crossover(est, math.nan, math.nan, sd, df)
     rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_boot):
-        m = np.array([np.mean(rng.choice(np.asarray(g), size=len(g), replace=True)) for g in gaps_per_x])
-        draws.append(cross(m))
-    lo, hi = np.quantile(np.asarray(draws), [0.025, 0.975], method="nearest")
-
-    def back(v: float) -> float | None:
-        return None if not math.isfinite(v) else float(np.exp(v))
-
-    return back(est), back(float(lo)), back(float(hi))
+    sigma = sd * np.sqrt(df / rng.chisquare(df, size=n_draws))
+    draws = (means[None, :] + sigma[:, None] / np.sqrt(k)[None, :] * rng.standard_normal((n_draws, len(gaps)))
+             + se[None, :] * rng.standard_normal((n_draws, len(gaps))))
+    where = np.array([cross(d) for d in draws])
+    lo, hi = np.quantile(where, [0.025, 0.975], method="nearest")
+    return Crossover(est, back(float(lo)), back(float(hi)), sd, df)

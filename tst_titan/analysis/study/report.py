@@ -86,24 +86,53 @@ def ladder(results: dict[str, RunResult], seed: int, size: str = "study") -> tup
 
 
 def speedup_rows(results: dict[str, RunResult], size: str = "study") -> list[dict]:
-    """Per TST s = 6 run: the baseline steps at its final loss (same seed's ladder,
-    log-linear between bracketing lengths, and the power law over lengths >= 1/2 of
-    the TST run's), over the TST run's steps."""
+    """Per TST s = 6 run: the baseline steps at its final loss on the same seed's ladder
+    (baselines of at least half the TST run's length), read log-linearly between the two
+    lengths that bracket it and, as a check, on a power law fitted to the ladder. A loss
+    outside the ladder gets no number, only a bound ("status")."""
     rows = []
     for r in sorted(results.values(), key=lambda r: (r.steps, r.seed)):
         if r.size != size or r.arm != "tst_s6":
             continue
         steps, losses = ladder(results, r.seed, size)
         near = [(n, y) for n, y in zip(steps, losses) if n >= r.steps / 2]
+        ns, ys = [n for n, _ in near], [y for _, y in near]
+        row = dict(run=r, ladder=near, n_lin=None, law=None, n_law=None, law_extrapolated=False,
+                   speed_lin=None, speed_law=None, bound=None)
         if len(near) < 2:
+            row["status"] = "ladder incomplete"
+            rows.append(row)
             continue
-        n_lin, extrapolated = loglinear_steps([n for n, _ in near], [y for _, y in near], r.final_loss)
-        law = fit_power_law([n for n, _ in near], [y for _, y in near])
+        n_lin, extrapolated = loglinear_steps(ns, ys, r.final_loss)
+        if n_lin is None:
+            row["status"] = "ladder not falling"
+        elif not extrapolated:
+            row.update(status="interpolated", n_lin=n_lin, speed_lin=n_lin / r.steps)
+        elif r.final_loss < min(ys):
+            row.update(status="below the ladder", bound=f"> {max(ns) / r.steps:.2f}x")
+        else:
+            row.update(status="above the ladder", bound=f"< {min(ns) / r.steps:.2f}x")
+        law = fit_power_law(ns, ys)
         n_law = law.steps_at(r.final_loss) if law else None
-        rows.append(dict(run=r, ladder=near, n_lin=n_lin, extrapolated=extrapolated, law=law, n_law=n_law,
-                         speed_lin=None if n_lin is None else n_lin / r.steps,
-                         speed_law=None if n_law is None else n_law / r.steps))
+        row.update(law=law, n_law=n_law, speed_law=None if n_law is None else n_law / r.steps,
+                   law_extrapolated=n_law is not None and not min(ns) <= n_law <= max(ns))
+        rows.append(row)
     return rows
+
+
+def speedup_summary(sp: list[dict]) -> list[str]:
+    """One line per TST length: the interpolated reads with their seed spread, and what
+    the other seeds' reads are (bounds, or not yet measurable)."""
+    lines = []
+    for steps in sorted({row["run"].steps for row in sp}):
+        rows = [row for row in sp if row["run"].steps == steps]
+        good = [row["speed_lin"] for row in rows if row["status"] == "interpolated"]
+        rest = [f"seed {row['run'].seed}: {row['status']}" + (f" ({row['bound']})" if row["bound"] else "")
+                for row in rows if row["status"] != "interpolated"]
+        head = (f"equal-loss speed-up {spread(good, '.2f', 'x')} (log-linear, interpolated)" if good
+                else "no interpolated read yet")
+        lines.append(f"- TST at {steps} steps: {head}" + (f"; {'; '.join(rest)}" if rest else "") + ".")
+    return lines
 
 
 def shared_with(results: dict[str, RunResult]) -> dict[str, list[str]]:
@@ -158,25 +187,25 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
                 "Log-linear: piecewise linear in log(steps) between the two lengths that bracket the loss "
                 "(the primary read: local, no model of the curve). Power law: L(n) = a + b n^-c fitted "
                 "to the same points (3 or more), as a check. Speed-up = baseline steps / TST steps "
-                "(= FLOPs ratio: equal FLOPs per step).", "",
+                "(= FLOPs ratio: equal FLOPs per step). A loss outside its ladder gets no number, only a "
+                "bound (the longest or shortest baseline over the TST steps): nothing is extrapolated "
+                "from the log-linear read; a power-law read outside the ladder is marked.", "",
                 "| TST run | its final loss | ladder (steps: loss) | log-linear: baseline steps | speed-up "
                 "| power law: steps | speed-up | fit residuals |", "|---|---|---|---|---|---|---|---|"]
         for row in sp:
             r, law = row["run"], row["law"]
             resid = ", ".join(f"{y - law.loss(n):+.4f}" for n, y in row["ladder"]) if law else "n/a (< 3 points)"
-            mark = " (extrapolated)" if row["extrapolated"] else ""
-            out.append(f"| {r.name} | {r.final_loss:.4f} | " + ", ".join(f"{n}: {y:.4f}" for n, y in row["ladder"])
-                       + f" | {fmt(row['n_lin'], '.0f', 'ladder not falling')}{mark} "
-                       f"| {fmt(row['speed_lin'], '.2f')}{'x' if row['speed_lin'] else ''} | {fmt(row['n_law'], '.0f')} "
-                       f"| {fmt(row['speed_law'], '.2f')}{'x' if row['speed_law'] else ''} "
-                       f"| {resid} |")
-        by_steps: dict[int, list[float]] = defaultdict(list)
-        for row in sp:
-            if row["speed_lin"] is not None and not row["extrapolated"]:
-                by_steps[row["run"].steps].append(row["speed_lin"])
-        if by_steps:
-            out += [""] + [f"- TST at {n} steps: equal-loss speed-up {spread(v, '.2f', 'x')} (log-linear, "
-                           "interpolated reads only)." for n, v in sorted(by_steps.items())]
+            if row["status"] == "interpolated":
+                lin = f"{row['n_lin']:.0f} | {row['speed_lin']:.2f}x"
+            else:
+                lin = f"{row['status']} | {row['bound'] or 'n/a'}"
+            law_mark = " (extrapolated)" if row["law_extrapolated"] else ""
+            law_cells = (f"{row['n_law']:.0f}{law_mark} | {row['speed_law']:.2f}x{law_mark}"
+                         if row["n_law"] is not None else "n/a | n/a")
+            out.append(f"| {r.name} | {r.final_loss:.4f} | "
+                       + (", ".join(f"{n}: {y:.4f}" for n, y in row["ladder"]) or "none yet")
+                       + f" | {lin} | {law_cells} | {resid} |")
+        out += [""] + speedup_summary(sp)
     out += ablation_lines(results, clusters)
     out += run_table(results, clusters)
     out += ["", "Figures: `docs/img/study_gap.png` (gap against tokens per non-embedding parameter, both "
@@ -184,17 +213,35 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
     return "\n".join(out) + "\n"
 
 
+def _where(v: float) -> str:
+    """A crossover position, or which side of the measured range it lies on."""
+    if v == -math.inf:
+        return "below the measured range"
+    if v == math.inf:
+        return "above the measured range"
+    return f"{v:.2f}"
+
+
 def crossover_lines(rows: list[dict]) -> list[str]:
+    """The crossover in tokens per total and per non-embedding parameter, with its interval."""
     if len(rows) < 2:
         return []
     lines = [""]
-    few = min(len(r["gaps"]) for r in rows) < 3
     for key, label in (("tpp", "total"), ("tpp_ne", "non-embedding")):
-        est, lo, hi = crossover([r[key] for r in rows], [r["gaps"] for r in rows])
-        interval = ("no interval yet: a length has fewer than 3 seeds" if few else
-                    f"95% bootstrap over seeds: {fmt(lo, '.2f', 'below range')} to {fmt(hi, '.2f', 'above range')}")
-        lines.append(f"- Crossover (gap = 0), baseline tokens per {label} parameter: "
-                     f"{fmt(est, '.2f', 'none in range')} ({interval}).")
+        c = crossover([r[key] for r in rows], [r["gaps"] for r in rows], [r["se"] for r in rows])
+        if c.df == 0:
+            interval = "no interval yet: no length has 2 seeds"
+        elif math.isinf(c.estimate) and c.lo == c.hi == c.estimate:
+            interval = "so in at least 97.5% of the simulated draws"
+        else:
+            interval = f"95% interval {_where(c.lo)} to {_where(c.hi)}"
+        lines.append(f"- Crossover (gap = 0), baseline tokens per {label} parameter: {_where(c.estimate)} "
+                     f"({interval}).")
+    c = crossover([r["tpp"] for r in rows], [r["gaps"] for r in rows], [r["se"] for r in rows])
+    if c.df:
+        lines.append(f"- The interval simulates the mean gap at each length from the seed sd pooled over "
+                     f"lengths ({c.seed_sd:.4f}, {c.df} degrees of freedom, divided by the root of that "
+                     "length's seeds) plus its paired held-out SE; a length with 1 seed borrows the pooled sd.")
     return lines
 
 
