@@ -191,3 +191,19 @@ def test_a_rerun_keeps_the_committed_results_beside_the_clusters_file(tmp_path):
     failed = run_plan(plan, StudySettings(work=tmp_path, results=results_dir), log=said.append)
     assert failed == [] and sum("done earlier, kept" in line for line in said) == len(plan)
     assert not (tmp_path / "runs").exists()
+
+
+def test_clusters_file_is_left_alone_unless_a_python_env_held_out_set_needs_it(tmp_path):
+    """The runner writes validation_clusters.json once, and only for a python_env held-out
+    store (its documents name their source files)."""
+    from tst_titan.analysis.study.plan import smoke_plan
+    from tst_titan.analysis.study.runner import StudySettings, ensure_clusters
+
+    spec = smoke_plan()[0]
+    s = StudySettings(work=tmp_path / "w", results=tmp_path)
+    raw = {"val_store": {"path": "x", "source": {"kind": "embedded"}}, "final_sequence_losses": [1.0, 2.0]}
+    assert ensure_clusters(spec, raw, s) is None and not (tmp_path / "validation_clusters.json").exists()
+    (tmp_path / "validation_clusters.json").write_text("{}")
+    raw["val_store"]["source"]["kind"] = "python_env"
+    assert ensure_clusters(spec, raw, s) is None
+    assert (tmp_path / "validation_clusters.json").read_text() == "{}"

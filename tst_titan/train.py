@@ -10,6 +10,7 @@ data or checkpoint-mismatch error ends the run with a one-line message and exit 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -36,6 +37,17 @@ def _cli_sets(argv: list[str], key: str) -> bool:
     return any(a.split("=", 1)[0] in names for a in argv)
 
 
+class _EmbeddedIsNotAPath(logging.Filter):
+    """torchtitan warns "HF assets path embedded does not exist!" on every parse: for us
+    ``embedded`` names the built-in tokenizer, not a folder, so that warning only misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("HF assets path embedded does not exist")
+
+
+_EMBEDDED_FILTER = _EmbeddedIsNotAPath()
+
+
 def parse_config(argv: list[str]) -> JobConfig:
     """torchtitan's TOML + CLI parsing with the ``[tst]`` and ``[data]`` sections.
 
@@ -44,6 +56,7 @@ def parse_config(argv: list[str]) -> JobConfig:
     (``--tst.switch_step 300`` with a TOML that sets a ratio). Both given in the TOML,
     or both on the command line, stay an error for ``check_tst``.
     """
+    logger.addFilter(_EMBEDDED_FILTER)  # idempotent: a logger holds a filter once
     merged = ConfigManager._merge_configs(JobConfig, tst_config.JobConfig)
     manager = ConfigManager(config_cls=merged)
     config = manager.parse_args(argv)

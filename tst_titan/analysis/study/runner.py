@@ -28,7 +28,7 @@ from tst_titan.analysis.jsonio import write_json_atomic
 from tst_titan.analysis.provenance import commit_of, machine_line
 from tst_titan.analysis.runs import load_run
 from tst_titan.analysis.study.plan import ROOT, RunSpec
-from tst_titan.analysis.study.results import load_results
+from tst_titan.analysis.study.results import CLUSTERS_FILE, load_results, validation_clusters
 from tst_titan.errors import RunError
 from tst_titan.model import TSTLlama3
 from tst_titan.specs import tst_llama3_flavors
@@ -258,6 +258,25 @@ def check_same_data(done: dict[str, Any], spec: RunSpec, s: StudySettings) -> No
             )
 
 
+def ensure_clusters(spec: RunSpec, raw: dict[str, Any], s: StudySettings) -> Path | None:
+    """Write ``<results>/validation_clusters.json`` (the source file of each held-out
+    window, for clustered standard errors) after the first finished run, when the
+    held-out store was prepared from the python_env corpus (whose documents name their
+    files). Other corpora keep the validator's i.i.d. standard errors."""
+    f = s.results / CLUSTERS_FILE
+    vs = raw.get("val_store") or {}
+    src = vs.get("source") or {}
+    seq = raw.get("final_sequence_losses")
+    if f.is_file() or src.get("kind") != "python_env" or seq is None:
+        return None
+    cfg = parse_config(["--job.config_file", str(s.cwd / spec.config)] + spec.overrides())
+    path = Path(vs["path"]) if Path(vs["path"]).is_absolute() else s.cwd / vs["path"]
+    out = validation_clusters(str(path), tuple(src.get("packages") or ()) or None,
+                              cfg.validation.seq_len + 1, len(seq))
+    write_json_atomic(f, {**out, "store": vs["path"]})
+    return f
+
+
 def run_plan(plan: list[RunSpec], s: StudySettings, log: Callable[[str], None] = print) -> list[str]:
     """Run every run of ``plan`` without a result yet; returns the names that failed.
     A run that fails does not stop the others; a rerun retries it."""
@@ -272,6 +291,7 @@ def run_plan(plan: list[RunSpec], s: StudySettings, log: Callable[[str], None] =
     progress = Progress(todo, s)
     failed: list[str] = []
     left: list[str] = []
+    clusters_lock = threading.Lock()
 
     def one(spec: RunSpec) -> dict[str, Any] | None:
         if s.stop_by is not None:
@@ -284,6 +304,8 @@ def run_plan(plan: list[RunSpec], s: StudySettings, log: Callable[[str], None] =
         try:
             res = execute(spec, s)
             write_json_atomic(s.results / f"{spec.name}.json", res)
+            with clusters_lock:
+                ensure_clusters(spec, res, s)
             return res
         finally:
             progress.finished(spec)
