@@ -246,23 +246,31 @@ def crossover_lines(rows: list[dict]) -> list[str]:
 
 
 def ablation_lines(results: dict[str, RunResult], clusters: np.ndarray | None) -> list[str]:
+    """Each ablation against the same seed's baseline and full TST (s = 6), and that
+    difference in units of the seed sd of a paired gap at the same length (the sd over
+    seeds of TST s=6 - baseline): about 1 or less is within seed noise."""
     abl = [r for r in results.values() if r.group == "ablation"]
     if not abl:
         return []
     keyed = by_key(results)
-    lines = ["", "### Ablations (1200 steps)", "", "| run | final loss | − baseline (same seed), paired SE "
-             "| − TST s=6 (same seed), paired SE |", "|---|---|---|---|"]
+    lines = ["", "### Ablations (1200 steps, seed 0)", "", "| run | final loss | − baseline (same seed), paired SE "
+             "| − TST s=6 (same seed), paired SE | − TST s=6 in seed sds |", "|---|---|---|---|---|"]
     for r in sorted(abl, key=lambda r: r.name):
-        base = keyed.get(("study", "baseline", r.steps), {}).get(r.seed)
-        tst = keyed.get(("study", "tst_s6", r.steps), {}).get(r.seed)
+        base = keyed.get(("study", "baseline", r.steps), {})
+        tst = keyed.get(("study", "tst_s6", r.steps), {})
+        gaps = [tst[k].final_loss - base[k].final_loss for k in sorted(set(tst) & set(base))]
+        sd = mean_sd(gaps)[1] if len(gaps) > 1 else math.nan
         cells = []
-        for other in (base, tst):
+        for other in (base.get(r.seed), tst.get(r.seed)):
             if other is None:
                 cells.append("not run")
             else:
                 g, se = paired_gap(r, other, clusters)
                 cells.append(f"{g:+.4f} ± {fmt(se)}")
-        lines.append(f"| {r.name} | {r.final_loss:.4f} | {cells[0]} | {cells[1]} |")
+        t = tst.get(r.seed)
+        units = (f"{(r.final_loss - t.final_loss) / sd:+.1f} (sd {sd:.4f}, {len(gaps)} seeds)"
+                 if t is not None and sd == sd else "n/a (needs 2 seeds of the pair)")
+        lines.append(f"| {r.name} | {r.final_loss:.4f} | {cells[0]} | {cells[1]} | {units} |")
     return lines
 
 
@@ -297,7 +305,13 @@ def replace_section(document: str, section: str) -> str:
 
 def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
     """Log x axis, labels, grid and legend; the figure saved to ``path``."""
+    from matplotlib.ticker import FuncFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.4, not 4x10^-1
+    # minor ticks: label 2, 3 and 5 of each decade only (all of them overlap)
+    ax.xaxis.set_minor_formatter(FuncFormatter(
+        lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else ""))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -342,8 +356,11 @@ def write_plots(results: dict[str, RunResult], clusters: np.ndarray | None, out_
     seeds = sorted({r.seed for r in results.values() if r.size == "study" and r.arm == "baseline"})
     if seeds:
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        for k in seeds:
-            steps, losses = ladder(results, k)
+        for k in seeds:  # the ladder region only: the short sweep runs would squash it
+            pts = [(n, y) for n, y in zip(*ladder(results, k)) if n >= 600]
+            if not pts:
+                continue
+            steps, losses = [n for n, _ in pts], [y for _, y in pts]
             ax.plot(steps, losses, "o", color=f"C{k}", label=f"baselines, seed {k}")
             law = fit_power_law(steps, losses)
             if law is not None:
@@ -351,6 +368,8 @@ def write_plots(results: dict[str, RunResult], clusters: np.ndarray | None, out_
                 ax.plot(grid, law.loss(grid), "-", color=f"C{k}", alpha=0.5)
         for row in sp:
             r = row["run"]
+            if r.steps < 1200:
+                continue
             ax.plot([r.steps], [r.final_loss], "*", markersize=11, color=f"C{r.seed}")
             if row["n_lin"] is not None:
                 ax.plot([r.steps, row["n_lin"]], [r.final_loss, r.final_loss], ":", color=f"C{r.seed}")
