@@ -24,6 +24,7 @@ import argparse
 import sys
 
 from tst_titan.errors import USER_ERRORS, EvalError
+from tst_titan.export import model_source_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,10 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=float, help="at most this many items per task (a smoke test, not a score)")
     ap.add_argument("overrides", nargs="*", help="torchtitan CLI overrides for --config, after --")
     args = ap.parse_args(argv)
-    if bool(args.checkpoint) == bool(args.hf):
-        ap.error("give exactly one of --checkpoint and --hf")
-    if args.checkpoint and not args.config:
-        ap.error("--checkpoint needs --config (the run's TOML)")
+    source_error = model_source_error(args.checkpoint, args.hf, args.config)
+    if source_error:
+        ap.error(source_error)
     batch_size = args.batch_size
     if batch_size is not None and batch_size != "auto" and not batch_size.isdigit():
         ap.error("--batch-size: an integer or 'auto'")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tst_titan.data.sources import SourceSpec, check_source
+from tst_titan.data.sources import KINDS, SourceSpec, check_source
 from tst_titan.data.store import TokenStore
 from tst_titan.data.tokenizer import resolve_tokenizer_path
 from tst_titan.errors import ConfigError, DataError
@@ -22,9 +22,9 @@ def _check_dataset(kind: str, path: str | None, prefix: str) -> None:
 def _check_workers(kind: str, dl_cfg, prefix: str) -> None:
     if dl_cfg.num_workers < 0:
         raise ConfigError(f"{prefix}.dataloader.num_workers: must be >= 0, got {dl_cfg.num_workers}")
-    if kind == "hf" and dl_cfg.num_workers > 0:
+    if kind in KINDS and KINDS[kind].in_process_only and dl_cfg.num_workers > 0:
         raise ConfigError(
-            f"{prefix}.dataloader.num_workers: a streamed hub dataset ({prefix}.dataset = 'hf') "
+            f"{prefix}.dataloader.num_workers: a streamed hub dataset ({prefix}.dataset = {kind!r}) "
             "is read in the training process (the datasets library would split its shards "
             "among workers); set it to 0, or prepare a token store with "
             "scripts/prepare_data.py and use dataset = 'store'"

@@ -202,13 +202,16 @@ class SourceKind:
     check: Callable[[SourceSpec], None]  # cheap and offline: before any work
     open: Callable[[SourceSpec], DocumentList | HubFiles | TokenStore]
     text: bool = True  # documents to tokenize (False: tokens, a store)
+    # read in the training process only: the datasets library would split a streamed
+    # dataset's shards among dataloader workers (each worker would see a part)
+    in_process_only: bool = False
 
 
 KINDS: dict[str, SourceKind] = {k.name: k for k in (
     SourceKind("embedded", None, _no_check, _open_embedded),
     SourceKind("python_env", None, _check_python_env, _open_python_env),
     SourceKind("local", "a file, directory or glob of .jsonl/.json/.parquet/.txt", _check_local, _open_local),
-    SourceKind("hf", "a hub dataset name", _no_check, _open_hub),
+    SourceKind("hf", "a hub dataset name", _no_check, _open_hub, in_process_only=True),
     SourceKind("store", "a token store directory", _no_check, _open_store, text=False),
 )}
 DATASET_KINDS = tuple(KINDS)
