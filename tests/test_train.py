@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -149,7 +150,7 @@ def test_bag_size_one_is_plain_training_bit_for_bit(tmp_path):
 @pytest.mark.slow
 def test_baseline_run_falls_and_leaves_tensorboard_and_checkpoints(tmp_path):
     dump = tmp_path / "base"
-    ok(run_train(
+    proc = ok(run_train(
         dump, "--tst.no-enable", "--training.steps", "12", "--metrics.enable_tensorboard",
         "--validation.enable", "--validation.freq", "6", "--checkpoint.enable",
         "--checkpoint.interval", "6", "--optimizer.lr", "1e-2",
@@ -161,6 +162,12 @@ def test_baseline_run_falls_and_leaves_tensorboard_and_checkpoints(tmp_path):
     assert len(val) == 3 and val[-1] < val[0]
     assert list((dump / "tb").rglob("events.out.tfevents*"))
     assert (dump / "checkpoint" / "step-12" / ".metadata").exists()
+    # torchtitan's 2 s end-of-training sleep is skipped (tst_titan.device.skip_final_sleep)
+    log = proc.stdout + proc.stderr
+    stamps = [re.search(r"(\d\d):(\d\d):(\d\d),(\d{3})", line) for line in log.splitlines()
+              if "Sleeping 2 seconds" in line or "Training completed" in line]
+    secs = [int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000 for h, m, s, ms in (x.groups() for x in stamps)]
+    assert len(secs) == 2 and secs[1] - secs[0] < 0.5, log[-2000:]
 
 
 @pytest.mark.parametrize(

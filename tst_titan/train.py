@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from tst_titan.device import apply_cpu_shims
+from tst_titan.device import apply_cpu_shims, skip_final_sleep
 
 apply_cpu_shims()
 
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             trainer.checkpointer.save(curr_step=0, last_step=True)
             logger.info("Created seed checkpoint")
         else:
+            skip_final_sleep()  # torchtitan's rank 0 sleeps 2 s at the end; we barrier below
             trainer.train()
     except USER_ERRORS as e:
         if trainer is not None:
