@@ -80,7 +80,7 @@ def test_study_plan_priorities():
     plan = study_plan()
     names = [s.name for s in plan]
     assert len(names) == len(set(names))
-    # the claims' lengths come first, 3 seeds each, then the ladder, the long TST, the second size
+    # the claims' lengths come first, 3 seeds each, then the second size, the ladder, the long TST
     assert names[:6] == [f"study_{a}_1200_seed{k}" for k in range(3) for a in ("baseline", "tst_s6")]
     for steps in (2400, 3300, 4800):
         assert {f"study_baseline_{steps}_seed{k}" for k in range(3)} <= set(names)
@@ -88,6 +88,7 @@ def test_study_plan_priorities():
     small = [s for s in plan if s.size == "small"]
     assert sorted({s.steps for s in small}) == [300, 600, 1200] and len(small) == 18
     assert "--model.flavor" in small[0].overrides() and "study_small" in small[0].overrides()
+    assert names.index("small_tst_s6_1200_seed2") < names.index("study_baseline_3300_seed0")
 
 
 @pytest.mark.slow
