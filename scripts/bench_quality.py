@@ -3,7 +3,7 @@
 
     python scripts/bench_quality.py --jobs 2                  # run (or continue) the study
     python scripts/bench_quality.py --jobs 2 --stop-by 14:40  # start no run that would end later
-    python scripts/bench_quality.py --report-only             # docs/RESULTS_STUDY.md + plots from docs/results/
+    python scripts/bench_quality.py --report-only             # docs/RESULTS.md's study section + plots from docs/results/
     python scripts/bench_quality.py --smoke --jobs 2          # every code path in about a minute
 
 The plan, the runner and the report live in tst_titan/analysis/study/. Each finished

@@ -15,8 +15,8 @@ import pytest
 from conftest import ROOT
 from tst_titan.analysis import stats
 from tst_titan.analysis.study.plan import study_plan
-from tst_titan.analysis.study.report import BEGIN, END, build_report
-from tst_titan.analysis.study.results import load_clusters, load_results
+from tst_titan.analysis.study.report import BEGIN, END, build_report, speedup_rows, speedup_summary
+from tst_titan.analysis.study.results import RunResult, load_clusters, load_results
 
 
 def test_clustered_se_against_a_hand_computation():
@@ -29,6 +29,20 @@ def test_clustered_se_against_a_hand_computation():
     # one observation per cluster: the i.i.d. standard error sd / sqrt(n)
     assert stats.clustered_se(x, range(6)) == pytest.approx(np.std(x, ddof=1) / math.sqrt(6))
     assert math.isnan(stats.clustered_se(x, [0] * 6))
+
+
+def test_cluster_jackknife_against_a_hand_computation():
+    x = [1.0, 2.0, 4.0, 3.0, 5.0, 9.0, 7.0]
+    g = [0, 0, 1, 1, 2, 2, 2]
+    loo = [(4 + 3 + 5 + 9 + 7) / 5, (1 + 2 + 5 + 9 + 7) / 5, (1 + 2 + 4 + 3) / 4]  # mean without each file
+    m = sum(loo) / 3
+    want = math.sqrt(2 / 3 * sum((v - m) ** 2 for v in loo))
+    assert stats.cluster_jackknife_se(x, g) == pytest.approx(want)
+    # one observation per cluster: exactly sd / sqrt(n)
+    assert stats.cluster_jackknife_se(x, range(7)) == pytest.approx(np.std(x, ddof=1) / math.sqrt(7))
+    assert math.isnan(stats.cluster_jackknife_se(x, [0] * 7))
+    assert stats.effective_clusters([0, 0, 1, 1]) == pytest.approx(2.0)
+    assert stats.effective_clusters([0, 0, 0, 1]) == pytest.approx(1 / (0.75**2 + 0.25**2))
 
 
 def test_loglinear_and_power_law_reads():
@@ -44,6 +58,10 @@ def test_loglinear_and_power_law_reads():
     assert fit.a == pytest.approx(2.0, abs=1e-3) and fit.c == pytest.approx(0.5, abs=1e-2)
     assert fit.steps_at(law.loss(3000)) == pytest.approx(3000, rel=1e-2)
     assert stats.fit_power_law([1, 2], [3.0, 2.0]) is None
+    assert fit.n_points == 4 and not fit.at_grid_edge
+    three = stats.fit_power_law([1200, 2400, 4800], [3.8, 3.5, 3.3])
+    assert three.n_points == 3  # the report says "exact fit": 3 points, 3 parameters
+    assert stats.fit_power_law([1, 2, 4], [3.0, 2.9, 2.8]).at_grid_edge  # log-linear: c -> 0
 
 
 def test_crossover_and_its_interval():
@@ -60,6 +78,10 @@ def test_crossover_and_its_interval():
     assert stats.crossover(x, [[-1.0], [-1.0], [-1.0]]).estimate == -math.inf  # TST wins everywhere
     assert stats.crossover(x, [[1.0], [1.0], [0.5]]).estimate == math.inf  # TST behind everywhere
     assert math.isnan(stats.crossover(x, [[1.0], [0.5], [-0.5]]).lo)
+    # the gap only rising through 0 (TST ahead early, behind later) is no crossover
+    assert math.isnan(stats.crossover(x, [[-0.1], [0.1], [0.2]]).estimate)
+    # the measured lengths around the crossing
+    assert stats.crossover([0.5, 1.0, 2.0, 4.0], [[0.3], [0.2], [0.1], [-0.1]]).bracket == (2.0, 4.0)
 
 
 def test_crossover_interval_covers_the_truth_about_95_percent():
@@ -208,3 +230,23 @@ def test_clusters_file_is_left_alone_unless_a_python_env_held_out_set_needs_it(t
     raw["val_store"]["source"]["kind"] = "python_env"
     assert ensure_clusters(spec, raw, s) is None
     assert (tmp_path / "validation_clusters.json").read_text() == "{}"
+
+
+def _run(arm: str, steps: int, seed: int, loss: float) -> RunResult:
+    name = f"study_{arm}_{steps}_seed{seed}"
+    return RunResult({"name": name, "final_loss": loss,
+                      "spec": {"size": "study", "arm": arm, "steps": steps, "seed": seed, "group": "main"}})
+
+
+def test_speedup_reads_bound_what_their_ladder_does_not_bracket():
+    runs = [_run("baseline", 1200, 0, 3.60), _run("baseline", 2400, 0, 3.40), _run("baseline", 3300, 0, 3.42),
+            _run("tst_s6", 2400, 0, 3.35),  # below a noisy (not monotone) ladder: a bound, not "not falling"
+            _run("baseline", 1200, 1, 3.61), _run("baseline", 2400, 1, 3.41), _run("baseline", 3300, 1, 3.30),
+            _run("tst_s6", 2400, 1, 3.355)]  # halfway (in loss) between 2400 and 3300
+    rows = {r["run"].seed: r for r in speedup_rows({r.name: r for r in runs})}
+    assert rows[0]["status"] == "below the ladder" and rows[0]["bound"] == "> 1.38x" and rows[0]["n_lin"] is None
+    assert rows[1]["status"] == "interpolated"
+    assert rows[1]["n_lin"] == pytest.approx(math.exp((math.log(2400) + math.log(3300)) / 2))
+    # one seed cut off: no mean over the other alone, each seed's read instead
+    (line,) = speedup_summary(list(rows.values()))
+    assert "1 of 2 seeds interpolated" in line and "seed 0: below the ladder (> 1.38x)" in line and "±" not in line

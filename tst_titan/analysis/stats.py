@@ -4,6 +4,9 @@
   groups (held-out windows of one source file), the cluster-robust ("sandwich")
   estimate with the G / (G - 1) small-sample factor. With one observation per
   cluster it is the ordinary sqrt(var / n) (up to ddof).
+- :func:`cluster_jackknife_se`: the delete-one-cluster jackknife of the same mean, the
+  one the report uses (less optimistic with clusters of very unequal size);
+  :func:`effective_clusters` says how unequal they are.
 - :func:`mean_sd`: mean and sample standard deviation over seeds.
 - :func:`loglinear_steps` / :func:`fit_power_law`: the baseline ladder's final loss
   against its length, read at a target loss (the equal-loss speed-up).
@@ -33,6 +36,32 @@ def clustered_se(values: Sequence[float], clusters: Sequence[int]) -> float:
     resid_sums = np.bincount(inv, weights=x - x.mean(), minlength=n_clusters)
     var = n_clusters / (n_clusters - 1) * float(np.sum(resid_sums**2)) / len(x) ** 2
     return math.sqrt(var)
+
+
+def cluster_jackknife_se(values: Sequence[float], clusters: Sequence[int]) -> float:
+    """Delete-one-cluster jackknife standard error of ``mean(values)``: the mean is
+    recomputed without each cluster in turn. With clusters of very unequal size (the
+    held-out set: two files hold 750 of 2,048 windows) it is less optimistic than
+    :func:`clustered_se`. With one observation per cluster it equals sd / sqrt(n)."""
+    x = np.asarray(values, dtype=np.float64)
+    g = np.asarray(clusters)
+    if len(x) != len(g):
+        raise ValueError(f"{len(x)} values but {len(g)} cluster labels")
+    ids, inv = np.unique(g, return_inverse=True)
+    n_clusters = len(ids)
+    if n_clusters < 2:
+        return math.nan
+    sums = np.bincount(inv, weights=x, minlength=n_clusters)
+    counts = np.bincount(inv, minlength=n_clusters)
+    loo = (x.sum() - sums) / (len(x) - counts)  # the mean without each cluster
+    return math.sqrt((n_clusters - 1) / n_clusters * float(np.sum((loo - loo.mean()) ** 2)))
+
+
+def effective_clusters(clusters: Sequence[int]) -> float:
+    """1 / sum of squared cluster shares: how many equal clusters the set is worth."""
+    _, counts = np.unique(np.asarray(clusters), return_counts=True)
+    w = counts / counts.sum()
+    return float(1.0 / np.sum(w**2))
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -70,6 +99,8 @@ class PowerLaw:
     a: float
     b: float
     c: float
+    n_points: int = 0  # 3 points for 3 parameters: an exact fit, no check at all
+    at_grid_edge: bool = False  # c at the end of the searched range: not a real optimum
 
     def loss(self, n: float | np.ndarray) -> float | np.ndarray:
         return self.a + self.b * np.power(n, -self.c)
@@ -90,67 +121,81 @@ def fit_power_law(steps: Sequence[float], losses: Sequence[float]) -> PowerLaw |
     if len(n) < 3:
         return None
     best: tuple[float, PowerLaw] | None = None
-    for c in np.linspace(0.05, 2.0, 391):
+    grid = np.linspace(0.05, 2.0, 391)
+    for c in grid:
         A = np.stack([np.ones_like(n), n**-c], axis=1)
         coef, *_ = np.linalg.lstsq(A, y, rcond=None)
         sse = float(np.sum((A @ coef - y) ** 2))
         if coef[1] > 0 and (best is None or sse < best[0]):
-            best = (sse, PowerLaw(float(coef[0]), float(coef[1]), float(c)))
+            best = (sse, PowerLaw(float(coef[0]), float(coef[1]), float(c), len(n),
+                                  bool(c in (grid[0], grid[-1]))))
     return None if best is None else best[1]
 
 
 @dataclass
 class Crossover:
-    """Where an equal-FLOPs gap changes sign, in the units of ``x``. ``-inf``: the gap is
-    never positive in the measured range (TST wins at every length); ``+inf``: never
-    negative (TST behind at every length). ``lo``/``hi`` (95%) are NaN without an interval."""
+    """Where an equal-FLOPs gap changes sign from + to -, in the units of ``x``.
+    ``-inf``: never positive in the measured range (TST wins at every length); ``+inf``:
+    positive at every length (TST behind); NaN: the gap only rises through 0 (no + to -
+    change). ``lo``/``hi`` (95%) are NaN without an interval."""
 
     estimate: float
     lo: float
     hi: float
     seed_sd: float  # pooled over lengths: the sd of one seed's gap
     df: int  # its degrees of freedom: sum over lengths of (seeds - 1)
+    bracket: tuple[float, float] | None  # the measured x's on either side of the estimate
+    no_crossing_share: float  # share of the simulated draws with the gap only rising through 0
 
 
 def crossover(x: Sequence[float], gaps_per_x: Sequence[Sequence[float]],
               se_per_x: Sequence[float] | None = None, n_draws: int = 4000, seed: int = 0) -> Crossover:
     """Where the mean gap crosses zero against log(x) (x ascending, e.g. tokens per
     parameter; one list of per-seed gaps per x): linearly in log(x) between the two
-    points around the first sign change from + to -.
+    points around the first sign change from + to -. Between lengths far apart the
+    position rests on that straight line: ``bracket`` gives the measured x's around it.
 
     The interval is a parametric simulation, because 1-3 seeds per length are too few to
     resample: each draw takes the seed sd from its pooled estimate (scaled chi-square with
     ``df`` degrees of freedom, so a handful of seeds widens it as Student's t does), moves
     each length's mean gap by that sd / sqrt(its seeds) times a normal, plus its held-out
-    measurement error (``se_per_x``: the paired SE on the shared windows, which more seeds
-    do not shrink), and records where that draw crosses. No seed pairs at all (df = 0):
-    no interval."""
+    measurement error (``se_per_x``: the SE of the seed-mean gap on the shared windows,
+    which more seeds do not shrink), and records where that draw crosses. No seed pairs
+    at all (df = 0): no interval."""
     lx = np.log(np.asarray(x, dtype=np.float64))
     gaps = [np.asarray(g, dtype=np.float64) for g in gaps_per_x]
     k = np.array([len(g) for g in gaps], dtype=np.float64)
     means = np.array([g.mean() for g in gaps])
     se = np.nan_to_num(np.asarray(se_per_x if se_per_x is not None else [0.0] * len(gaps), dtype=np.float64))
 
-    def cross(m: np.ndarray) -> float:
+    def cross(m: np.ndarray) -> tuple[float, int | None]:
         for i in range(len(m) - 1):
             if m[i] > 0 >= m[i + 1]:
                 t = m[i] / (m[i] - m[i + 1])
-                return float(lx[i] + t * (lx[i + 1] - lx[i]))
-        return -math.inf if np.all(m <= 0) else math.inf
+                return float(lx[i] + t * (lx[i + 1] - lx[i])), i
+        if np.all(m <= 0):
+            return -math.inf, None
+        if np.all(m > 0):
+            return math.inf, None
+        return math.nan, None
+
+    def back(v: float) -> float:  # log(x) -> x, keeping +-inf (out of range) and NaN
+        return v if not math.isfinite(v) else float(np.exp(v))
 
     df = int(sum(len(g) - 1 for g in gaps))
     ss = float(sum(((g - g.mean()) ** 2).sum() for g in gaps))
     sd = math.sqrt(ss / df) if df > 0 else math.nan
-    def back(v: float) -> float:  # log(x) -> x, keeping the +-inf of "out of range"
-        return v if math.isinf(v) else float(np.exp(v))
-
-    est = back(cross(means))
+    where0, i0 = cross(means)
+    bracket = None if i0 is None else (float(x[i0]), float(x[i0 + 1]))
     if df == 0:
-        return Crossover(est, math.nan, math.nan, sd, df)
+        return Crossover(back(where0), math.nan, math.nan, sd, df, bracket, math.nan)
     rng = np.random.default_rng(seed)
     sigma = sd * np.sqrt(df / rng.chisquare(df, size=n_draws))
     draws = (means[None, :] + sigma[:, None] / np.sqrt(k)[None, :] * rng.standard_normal((n_draws, len(gaps)))
              + se[None, :] * rng.standard_normal((n_draws, len(gaps))))
-    where = np.array([cross(d) for d in draws])
-    lo, hi = np.quantile(where, [0.025, 0.975], method="nearest")
-    return Crossover(est, back(float(lo)), back(float(hi)), sd, df)
+    where = np.array([cross(d)[0] for d in draws])
+    crossing = where[~np.isnan(where)]
+    lo, hi = (np.quantile(crossing, [0.025, 0.975], method="nearest") if len(crossing)
+              else (math.nan, math.nan))
+    return Crossover(back(where0), back(float(lo)), back(float(hi)), sd, df, bracket,
+                     float(np.isnan(where).mean()))

@@ -74,7 +74,8 @@ def study_plan(seeds: int = 3, ablations: list[str] | None = None) -> list[RunSp
     """The full study, in priority order (issue 21): the 1200- and 2400-step pairs on 3
     seeds; the second size at 3 lengths (cheap, so it comes before the long runs); a
     baseline ladder (3300, 4800 steps) per seed for the interpolated equal-loss speed-up;
-    TST at 4800 steps (2 seeds); the short lengths of the gap curve; the ablations."""
+    TST at 4800 steps (2 seeds) and its seeds' baselines at 7200 steps (to bracket it);
+    the short lengths of the gap curve; the ablations."""
     ks = range(seeds)
     plan: list[RunSpec] = []
     for steps, passes in ((1200, 3), (2400, 2)):
@@ -88,6 +89,8 @@ def study_plan(seeds: int = 3, ablations: list[str] | None = None) -> list[RunSp
     for steps in (3300, 4800):
         plan += [RunSpec("study", "baseline", steps, k, 1, "ladder") for k in ks]
     plan += [RunSpec("study", "tst_s6", 4800, k, 2, "long") for k in range(min(2, seeds))]
+    # a TST run that beats its 4800-step baseline needs a longer one to be read on, not a bound
+    plan += [RunSpec("study", "baseline", 7200, k, 1, "ladder") for k in range(min(2, seeds))]
     for steps in (150, 400):
         for k in ks:
             plan += [RunSpec("study", "baseline", steps, k, 1, "sweep"),

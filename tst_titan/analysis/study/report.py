@@ -7,7 +7,8 @@ Every number in it comes from ``docs/results/study/*.json``.
 Conventions: a gap is TST - baseline final validation loss at equal steps (equal FLOPs;
 below 0 TST wins); "± sd" is over seeds, "(1 seed)" says when there is only one; SE is
 the paired standard error of the gap on the shared held-out windows, clustered by source
-file. Tokens per parameter are the baseline's data tokens (TST reads 2.5x).
+file (delete-one-file jackknife). Tokens per parameter are the baseline's data tokens
+(TST reads 2.5x).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from tst_titan.analysis.fmt import format_number
-from tst_titan.analysis.stats import clustered_se, crossover, fit_power_law, loglinear_steps, mean_sd
+from tst_titan.analysis.stats import (cluster_jackknife_se, crossover, effective_clusters, fit_power_law,
+                                      loglinear_steps, mean_sd)
 from tst_titan.analysis.study.plan import RunSpec
 from tst_titan.analysis.study.results import RunResult
 
@@ -48,12 +50,21 @@ def by_key(results: dict[str, RunResult]) -> dict[tuple[str, str, int], dict[int
 
 
 def paired_gap(tst: RunResult, base: RunResult, clusters: np.ndarray | None) -> tuple[float, float]:
-    """(gap, its paired clustered SE) of two runs on the same held-out windows."""
-    gap = tst.final_loss - base.final_loss
-    a, b = tst.sequence_losses, base.sequence_losses
-    if clusters is None or a is None or b is None or len(a) != len(b) or len(a) != len(clusters):
-        return gap, math.nan
-    return gap, clustered_se(a - b, clusters)
+    """(gap, its paired SE) of two runs on the same held-out windows."""
+    return tst.final_loss - base.final_loss, window_gap_se([(tst, base)], clusters)
+
+
+def window_gap_se(pairs: list[tuple[RunResult, RunResult]], clusters: np.ndarray | None) -> float:
+    """Held-out SE of the seed-mean gap: the per-window gaps averaged over the pairs
+    (seeds), then a delete-one-file jackknife. The seed-to-seed part is in the seed sd;
+    this is what the choice of held-out windows adds (it does not shrink with seeds)."""
+    diffs = []
+    for tst, base in pairs:
+        a, b = tst.sequence_losses, base.sequence_losses
+        if clusters is None or a is None or b is None or len(a) != len(b) or len(a) != len(clusters):
+            return math.nan
+        diffs.append(a - b)
+    return cluster_jackknife_se(np.mean(diffs, axis=0), clusters) if diffs else math.nan
 
 
 def gap_table(results: dict[str, RunResult], clusters: np.ndarray | None, size: str) -> list[dict]:
@@ -71,7 +82,7 @@ def gap_table(results: dict[str, RunResult], clusters: np.ndarray | None, size: 
         b0 = base[seeds[0]]
         rows.append(dict(
             steps=steps, seeds=seeds, gaps=[g for g, _ in pairs],
-            se=float(np.nanmean([s for _, s in pairs])) if pairs else math.nan,
+            se=window_gap_se([(tst[k], base[k]) for k in seeds], clusters),
             base=[base[k].final_loss for k in seeds], tst=[tst[k].final_loss for k in seeds],
             tpp=b0.data_tokens / b0.params, tpp_ne=b0.data_tokens / b0.params_non_embedding,
         ))
@@ -103,15 +114,16 @@ def speedup_rows(results: dict[str, RunResult], size: str = "study") -> list[dic
             row["status"] = "ladder incomplete"
             rows.append(row)
             continue
-        n_lin, extrapolated = loglinear_steps(ns, ys, r.final_loss)
-        if n_lin is None:
-            row["status"] = "ladder not falling"
-        elif not extrapolated:
-            row.update(status="interpolated", n_lin=n_lin, speed_lin=n_lin / r.steps)
-        elif r.final_loss < min(ys):
+        if r.final_loss < min(ys):  # TST beats every baseline of the ladder: a lower bound only
             row.update(status="below the ladder", bound=f"> {max(ns) / r.steps:.2f}x")
-        else:
+        elif r.final_loss > max(ys):
             row.update(status="above the ladder", bound=f"< {min(ns) / r.steps:.2f}x")
+        else:
+            n_lin, _ = loglinear_steps(ns, ys, r.final_loss)
+            if n_lin is None:
+                row["status"] = "ladder not falling"
+            else:
+                row.update(status="interpolated", n_lin=n_lin, speed_lin=n_lin / r.steps)
         law = fit_power_law(ns, ys)
         n_law = law.steps_at(r.final_loss) if law else None
         row.update(law=law, n_law=n_law, speed_law=None if n_law is None else n_law / r.steps,
@@ -121,17 +133,20 @@ def speedup_rows(results: dict[str, RunResult], size: str = "study") -> list[dic
 
 
 def speedup_summary(sp: list[dict]) -> list[str]:
-    """One line per TST length: the interpolated reads with their seed spread, and what
-    the other seeds' reads are (bounds, or not yet measurable)."""
+    """One line per TST length: mean ± sd when every seed's read is interpolated; else
+    each seed's read or bound (a mean over the interpolated seeds alone would be biased)."""
     lines = []
     for steps in sorted({row["run"].steps for row in sp}):
         rows = [row for row in sp if row["run"].steps == steps]
         good = [row["speed_lin"] for row in rows if row["status"] == "interpolated"]
-        rest = [f"seed {row['run'].seed}: {row['status']}" + (f" ({row['bound']})" if row["bound"] else "")
-                for row in rows if row["status"] != "interpolated"]
-        head = (f"equal-loss speed-up {spread(good, '.2f', 'x')} (log-linear, interpolated)" if good
-                else "no interpolated read yet")
-        lines.append(f"- TST at {steps} steps: {head}" + (f"; {'; '.join(rest)}" if rest else "") + ".")
+        if good and len(good) == len(rows):
+            lines.append(f"- TST at {steps} steps: equal-loss speed-up {spread(good, '.2f', 'x')} "
+                         "(log-linear, interpolated).")
+            continue
+        per_seed = [f"seed {row['run'].seed}: " + (f"{row['speed_lin']:.2f}x" if row["status"] == "interpolated"
+                    else row["status"] + (f" ({row['bound']})" if row["bound"] else "")) for row in rows]
+        lines.append(f"- TST at {steps} steps: {len(good)} of {len(rows)} seeds interpolated; "
+                     + "; ".join(per_seed) + ".")
     return lines
 
 
@@ -160,8 +175,9 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
             f"- Machine(s): {'; '.join(machines)}; commits of the runs: {', '.join(commits)}.",
             f"- Held-out set: `{vs.get('path')}` ({fmt(vs.get('num_tokens'), ',', '?')} tokens); "
             f"{len(any_run.sequence_losses) if any_run.sequence_losses is not None else '?'} windows of 256 "
-            f"tokens from {len(set(clusters.tolist())) if clusters is not None else '?'} source files: "
-            "standard errors are clustered by file.",
+            f"tokens from {len(set(clusters.tolist())) if clusters is not None else '?'} source files "
+            f"(as unequal as {effective_clusters(clusters) if clusters is not None else math.nan:.1f} equal ones): "
+            "standard errors are delete-one-file jackknifes.",
         ]
     out.append(f"- Finished: {len(results)} of {len(plan)} planned runs."
                + (f" Not yet run: {len(missing)} (continue with `python scripts/bench_quality.py --jobs 2`)."
@@ -174,7 +190,7 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
         out += ["", f"### Equal-FLOPs gap against length: `{r0.raw['flavor']}` ({r0.params:,} parameters, "
                 f"{r0.params_non_embedding:,} non-embedding)", "",
                 "| steps | baseline tokens / param (total, non-emb.) | baseline loss | TST s=6 loss "
-                "| gap TST − baseline (± sd over seeds) | paired SE (clustered) |", "|---|---|---|---|---|---|"]
+                "| gap TST − baseline (± sd over seeds) | held-out SE of the mean gap |", "|---|---|---|---|---|---|"]
         for row in rows:
             out.append(f"| {row['steps']} | {row['tpp']:.2f}, {row['tpp_ne']:.2f} | {spread(row['base'], '.4f')} "
                        f"| {spread(row['tst'], '.4f')} | {spread(row['gaps'])} | {fmt(row['se'])} |")
@@ -194,7 +210,14 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
                 "| power law: steps | speed-up | fit residuals |", "|---|---|---|---|---|---|---|---|"]
         for row in sp:
             r, law = row["run"], row["law"]
-            resid = ", ".join(f"{y - law.loss(n):+.4f}" for n, y in row["ladder"]) if law else "n/a (< 3 points)"
+            if law is None:
+                resid = "n/a (< 3 points)"
+            elif law.n_points == 3:
+                resid = "exact fit (3 points, 3 parameters): no check"
+            else:
+                resid = ", ".join(f"{y - law.loss(n):+.4f}" for n, y in row["ladder"])
+            if law is not None and law.at_grid_edge:
+                resid += f"; exponent at the searched range's edge (c = {law.c:.2f}): not a real fit"
             if row["status"] == "interpolated":
                 lin = f"{row['n_lin']:.0f} | {row['speed_lin']:.2f}x"
             else:
@@ -213,13 +236,20 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
     return "\n".join(out) + "\n"
 
 
+def _tpp(v: float) -> str:
+    """Tokens per parameter to 2 significant figures (the data support no more)."""
+    return f"{v:.2g}" if v < 100 else f"{v:.0f}"
+
+
 def _where(v: float) -> str:
     """A crossover position, or which side of the measured range it lies on."""
     if v == -math.inf:
         return "below the measured range"
     if v == math.inf:
         return "above the measured range"
-    return f"{v:.2f}"
+    if math.isnan(v):
+        return "none (the gap only rises through 0)"
+    return _tpp(v)
 
 
 def crossover_lines(rows: list[dict]) -> list[str]:
@@ -227,6 +257,7 @@ def crossover_lines(rows: list[dict]) -> list[str]:
     if len(rows) < 2:
         return []
     lines = [""]
+    c = None
     for key, label in (("tpp", "total"), ("tpp_ne", "non-embedding")):
         c = crossover([r[key] for r in rows], [r["gaps"] for r in rows], [r["se"] for r in rows])
         if c.df == 0:
@@ -235,13 +266,21 @@ def crossover_lines(rows: list[dict]) -> list[str]:
             interval = "so in at least 97.5% of the simulated draws"
         else:
             interval = f"95% interval {_where(c.lo)} to {_where(c.hi)}"
-        lines.append(f"- Crossover (gap = 0), baseline tokens per {label} parameter: {_where(c.estimate)} "
-                     f"({interval}).")
-    c = crossover([r["tpp"] for r in rows], [r["gaps"] for r in rows], [r["se"] for r in rows])
-    if c.df:
-        lines.append(f"- The interval simulates the mean gap at each length from the seed sd pooled over "
-                     f"lengths ({c.seed_sd:.4f}, {c.df} degrees of freedom, divided by the root of that "
-                     "length's seeds) plus its paired held-out SE; a length with 1 seed borrows the pooled sd.")
+        where = _where(c.estimate)
+        if c.bracket is not None:
+            lo, hi = c.bracket
+            where = (f"between the measured {_tpp(lo)} and {_tpp(hi)}; {_where(c.estimate)} on a line in "
+                     "log tokens between them")
+        lines.append(f"- Crossover (gap = 0), baseline tokens per {label} parameter: {where} ({interval}).")
+    if c is not None and c.df:
+        note = (f"- The interval simulates the mean gap at each length from the seed sd pooled over lengths "
+                f"({c.seed_sd:.4f}, {c.df} degrees of freedom, over the root of that length's seeds) plus its "
+                "held-out SE, and reads each draw on the same straight lines in log tokens")
+        if any(len(r["gaps"]) == 1 for r in rows):
+            note += "; a length with 1 seed borrows the pooled sd"
+        if c.no_crossing_share > 0.025:
+            note += f"; in {100 * c.no_crossing_share:.0f}% of the draws the gap only rises through 0"
+        lines.append(note + ".")
     return lines
 
 
@@ -277,7 +316,7 @@ def ablation_lines(results: dict[str, RunResult], clusters: np.ndarray | None) -
 def run_table(results: dict[str, RunResult], clusters: np.ndarray | None) -> list[str]:
     share = shared_with(results)
     lines = ["", "<details><summary>Every run</summary>", "",
-             "| run | final loss ± SE (clustered; i.i.d.) | data tokens | job time | load average at start, end "
+             "| run | final loss ± SE (jackknife by file; i.i.d.) | data tokens | job time | load average at start, end "
              "| commit | shared the 2 cores with (study runs) |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(results.values(), key=lambda r: (r.size, r.steps, r.arm, r.seed)):
@@ -362,9 +401,10 @@ def write_plots(results: dict[str, RunResult], clusters: np.ndarray | None, out_
                 continue
             steps, losses = [n for n, _ in pts], [y for _, y in pts]
             ax.plot(steps, losses, "o", color=f"C{k}", label=f"baselines, seed {k}")
-            law = fit_power_law(steps, losses)
+            fit = [(n, y) for n, y in pts if n >= 1200]  # the ladder the 2400-step TST runs are read on
+            law = fit_power_law([n for n, _ in fit], [y for _, y in fit])
             if law is not None:
-                grid = np.geomspace(min(steps), max(steps), 100)
+                grid = np.geomspace(min(n for n, _ in fit), max(steps), 100)
                 ax.plot(grid, law.loss(grid), "-", color=f"C{k}", alpha=0.5)
         for row in sp:
             r = row["run"]
@@ -375,6 +415,6 @@ def write_plots(results: dict[str, RunResult], clusters: np.ndarray | None, out_
                 ax.plot([r.steps, row["n_lin"]], [r.final_loss, r.final_loss], ":", color=f"C{r.seed}")
         written.append(_save(fig, ax, out_dir / "study_ladder.png",
                              "steps (each baseline annealed at its own length)", "final val loss",
-                             "Baseline ladders (o, power-law fit) and TST runs (*): dotted = equal-loss read"))
+                             "Baselines (o; line: power law over >= 1200 steps), TST (*); dotted: equal-loss read"))
         plt.close(fig)
     return written

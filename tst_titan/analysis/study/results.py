@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tst_titan.analysis.stats import clustered_se
+from tst_titan.analysis.stats import cluster_jackknife_se
 from tst_titan.data import pycorpus
 from tst_titan.data.store import TokenStore
 
@@ -61,11 +61,11 @@ class RunResult:
         return [(a["start"], a.get("end", a["start"])) for a in self.raw["attempts"]]
 
     def se(self, clusters: np.ndarray | None) -> float:
-        """Standard error of the final loss, clustered by source file when the clusters
-        are known (else the validator's i.i.d. one)."""
+        """Standard error of the final loss, a delete-one-source-file jackknife when the
+        clusters are known (else the validator's i.i.d. one)."""
         seq = self.sequence_losses
         if clusters is not None and seq is not None and len(seq) == len(clusters):
-            return clustered_se(seq, clusters)
+            return cluster_jackknife_se(seq, clusters)
         se = self.raw["val"][-1][2]
         return math.nan if se is None else float(se)
 
