@@ -185,12 +185,15 @@ class Progress:
         self.total = sum(weight(x) for x in todo)
         self.done: set[str] = set()
         self.running: dict[str, RunSpec] = {}
+        self.resumed_at: dict[str, int] = {}  # a resumed run's steps before this invocation
         self.t0 = time.time()
         self.lock = threading.Lock()
 
     def started(self, spec: RunSpec) -> None:
+        resumed = latest_checkpoint(self.s.work / "runs" / spec.name) or 0
         with self.lock:
             self.running[spec.name] = spec
+            self.resumed_at[spec.name] = resumed
 
     def finished(self, spec: RunSpec) -> None:
         with self.lock:
@@ -200,9 +203,11 @@ class Progress:
     def seconds_per_weight(self) -> float:
         """Measured over this invocation once it has done some work, else the prior."""
         with self.lock:
-            done_w = sum(weight(x) for x in self.todo if x.name in self.done)
-            partial = sum(weight(x) * current_step(self.s.work / "runs" / n) / x.steps
-                          for n, x in self.running.items())
+            # work done in this invocation only: a resumed run's earlier steps took no time here
+            done_w = sum(weight(x) * (1 - self.resumed_at.get(x.name, 0) / x.steps)
+                         for x in self.todo if x.name in self.done)
+            partial = sum(weight(x) * max(0, current_step(self.s.work / "runs" / n) - self.resumed_at.get(n, 0))
+                          / x.steps for n, x in self.running.items())
         now = time.time() - self.t0
         work = done_w + partial
         if work > 0.02 * self.total and now > 120:
