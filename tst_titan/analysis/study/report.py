@@ -238,7 +238,7 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
 
 def _tpp(v: float) -> str:
     """Tokens per parameter to 2 significant figures (the data support no more)."""
-    return f"{v:.2g}" if v < 100 else f"{v:.0f}"
+    return f"{v:#.2g}".rstrip(".") if v < 100 else f"{v:.0f}"  # 2.0, 0.22, 12
 
 
 def _where(v: float) -> str:
