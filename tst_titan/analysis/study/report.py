@@ -85,6 +85,7 @@ def gap_table(results: dict[str, RunResult], clusters: np.ndarray | None, size: 
             se=window_gap_se([(tst[k], base[k]) for k in seeds], clusters),
             base=[base[k].final_loss for k in seeds], tst=[tst[k].final_loss for k in seeds],
             tpp=b0.data_tokens / b0.params, tpp_ne=b0.data_tokens / b0.params_non_embedding,
+            tokens_m=b0.data_tokens / 1e6,
         ))
     return rows
 
@@ -258,7 +259,8 @@ def crossover_lines(rows: list[dict]) -> list[str]:
         return []
     lines = [""]
     c = None
-    for key, label in (("tpp", "total"), ("tpp_ne", "non-embedding")):
+    for key, label in (("tpp", "tokens per total parameter"), ("tpp_ne", "tokens per non-embedding parameter"),
+                       ("tokens_m", "data tokens (millions; the same batch at both sizes, so also steps)")):
         c = crossover([r[key] for r in rows], [r["gaps"] for r in rows], [r["se"] for r in rows])
         if c.df == 0:
             interval = "no interval yet: no length has 2 seeds"
@@ -271,7 +273,7 @@ def crossover_lines(rows: list[dict]) -> list[str]:
             lo, hi = c.bracket
             where = (f"between the measured {_tpp(lo)} and {_tpp(hi)}; {_where(c.estimate)} on a line in "
                      "log tokens between them")
-        lines.append(f"- Crossover (gap = 0), baseline tokens per {label} parameter: {where} ({interval}).")
+        lines.append(f"- Crossover (gap = 0), baseline {label}: {where} ({interval}).")
     if c is not None and c.df:
         note = (f"- The interval simulates the mean gap at each length from the seed sd pooled over lengths "
                 f"({c.seed_sd:.4f}, {c.df} degrees of freedom, over the root of that length's seeds) plus its "
@@ -355,6 +357,7 @@ def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.margins(x=0.12)  # room for the point labels
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
