@@ -23,14 +23,19 @@ from typing import Sequence
 import numpy as np
 
 
-def clustered_se(values: Sequence[float], clusters: Sequence[int]) -> float:
-    """Cluster-robust standard error of ``mean(values)``; NaN with fewer than 2 clusters."""
+def _by_cluster(values: Sequence[float], clusters: Sequence[int]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(values as float64, each value's cluster index 0..G-1, G)."""
     x = np.asarray(values, dtype=np.float64)
     g = np.asarray(clusters)
     if len(x) != len(g):
         raise ValueError(f"{len(x)} values but {len(g)} cluster labels")
     ids, inv = np.unique(g, return_inverse=True)
-    n_clusters = len(ids)
+    return x, inv, len(ids)
+
+
+def clustered_se(values: Sequence[float], clusters: Sequence[int]) -> float:
+    """Cluster-robust standard error of ``mean(values)``; NaN with fewer than 2 clusters."""
+    x, inv, n_clusters = _by_cluster(values, clusters)
     if n_clusters < 2:
         return math.nan
     resid_sums = np.bincount(inv, weights=x - x.mean(), minlength=n_clusters)
@@ -43,12 +48,7 @@ def cluster_jackknife_se(values: Sequence[float], clusters: Sequence[int]) -> fl
     recomputed without each cluster in turn. With clusters of very unequal size (the
     held-out set: two files hold 750 of 2,048 windows) it is less optimistic than
     :func:`clustered_se`. With one observation per cluster it equals sd / sqrt(n)."""
-    x = np.asarray(values, dtype=np.float64)
-    g = np.asarray(clusters)
-    if len(x) != len(g):
-        raise ValueError(f"{len(x)} values but {len(g)} cluster labels")
-    ids, inv = np.unique(g, return_inverse=True)
-    n_clusters = len(ids)
+    x, inv, n_clusters = _by_cluster(values, clusters)
     if n_clusters < 2:
         return math.nan
     sums = np.bincount(inv, weights=x, minlength=n_clusters)
