@@ -280,6 +280,10 @@ def crossover_lines(rows: list[dict]) -> list[str]:
                 "held-out SE, and reads each draw on the same straight lines in log tokens")
         if any(len(r["gaps"]) == 1 for r in rows):
             note += "; a length with 1 seed borrows the pooled sd"
+        sds = [mean_sd(r["gaps"])[1] for r in rows if len(r["gaps"]) > 1]
+        if len(sds) > 1 and max(sds) > 2 * min(sds):
+            note += (f"; the seed sd differs between lengths ({min(sds):.3f} to {max(sds):.3f}), so pooling "
+                     "widens the interval where it is small (conservative)")
         if c.no_crossing_share > 0.025:
             note += f"; in {100 * c.no_crossing_share:.0f}% of the draws the gap only rises through 0"
         lines.append(note + ".")
