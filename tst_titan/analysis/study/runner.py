@@ -131,6 +131,11 @@ def execute(spec: RunSpec, s: StudySettings) -> dict[str, Any]:
     return collect(spec, dump, cmd, attempts, s)
 
 
+def run_config(spec: RunSpec, s: StudySettings):
+    """The run's torchtitan config: its study config plus its overrides."""
+    return parse_config(["--job.config_file", str(s.cwd / spec.config)] + spec.overrides())
+
+
 def _store_facts(path: str) -> dict[str, Any]:
     p = Path(path) if Path(path).is_absolute() else ROOT / path
     m = p / "manifest.json"
@@ -157,7 +162,7 @@ def collect(spec: RunSpec, dump: Path, cmd: list[str], attempts: list[dict], s: 
     def pairs(series) -> list[list[float]]:
         return [[int(a), float(b)] for a, b in zip(series.steps, series.values)]
 
-    cfg = parse_config(["--job.config_file", str(s.cwd / spec.config)] + spec.overrides())
+    cfg = run_config(spec, s)
     return {
         "name": spec.name, "spec": {**asdict(spec), "extra": list(spec.extra)},
         "command": " ".join(["python", "-m", "tst_titan.train"] + cmd[3:]),
@@ -238,7 +243,7 @@ def _hms(sec: float) -> str:
 
 def stores_of(spec: RunSpec, s: StudySettings) -> dict[str, Any]:
     """The token stores a run reads (path, size, corpus), from its config."""
-    return _stores(parse_config(["--job.config_file", str(s.cwd / spec.config)] + spec.overrides()))
+    return _stores(run_config(spec, s))
 
 
 def _stores(cfg) -> dict[str, Any]:
@@ -274,7 +279,7 @@ def ensure_clusters(spec: RunSpec, raw: dict[str, Any], s: StudySettings) -> Pat
     seq = raw.get("final_sequence_losses")
     if f.is_file() or src.get("kind") != "python_env" or seq is None:
         return None
-    cfg = parse_config(["--job.config_file", str(s.cwd / spec.config)] + spec.overrides())
+    cfg = run_config(spec, s)
     path = Path(vs["path"]) if Path(vs["path"]).is_absolute() else s.cwd / vs["path"]
     out = validation_clusters(str(path), tuple(src.get("packages") or ()) or None,
                               cfg.validation.seq_len + 1, len(seq))
