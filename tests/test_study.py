@@ -15,7 +15,8 @@ import pytest
 from conftest import ROOT
 from tst_titan.analysis import stats
 from tst_titan.analysis.study.plan import study_plan
-from tst_titan.analysis.study.report import BEGIN, END, build_report, speedup_rows, speedup_summary
+from tst_titan.analysis.study.report import (BEGIN, END, build_report, speedup_rows, speedup_summary,
+                                             speedup_table_row)
 from tst_titan.analysis.study.results import RunResult, load_clusters, load_results
 
 
@@ -250,3 +251,19 @@ def test_speedup_reads_bound_what_their_ladder_does_not_bracket():
     # one seed cut off: no mean over the other alone, each seed's read instead
     (line,) = speedup_summary(list(rows.values()))
     assert "1 of 2 seeds interpolated" in line and "seed 0: below the ladder (> 1.38x)" in line and "±" not in line
+
+
+def test_speedup_table_never_prints_an_extrapolated_power_law_read():
+    """A TST loss below a clean power-law ladder: the fit could be read past its last point,
+    but the table gives the bound and "not read", never a number; inside the ladder both reads
+    are printed and agree with a hand computation."""
+    ladder = {1200: 3.60, 2400: 3.30, 3300: 3.20, 4800: 3.10}
+    runs = [_run("baseline", n, 0, y) for n, y in ladder.items()]
+    runs += [_run("tst_s6", 2400, 0, 3.05), _run("tst_s6", 2400, 1, 3.15)]
+    runs += [_run("baseline", n, 1, y) for n, y in ladder.items()]
+    rows = {r["run"].seed: r for r in speedup_rows({r.name: r for r in runs})}
+    out, inside = speedup_table_row(rows[0]), speedup_table_row(rows[1])
+    assert rows[0]["law_extrapolated"] and "| below the ladder | > 2.00x | outside the ladder | not read |" in out
+    assert "extrapolated" not in out
+    want = math.exp(math.log(3300) + 0.5 * (math.log(4800) - math.log(3300)))  # halfway in loss
+    assert f"| {want:.0f} | {want / 2400:.2f}x |" in inside

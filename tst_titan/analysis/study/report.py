@@ -133,6 +133,32 @@ def speedup_rows(results: dict[str, RunResult], size: str = "study") -> list[dic
     return rows
 
 
+def speedup_table_row(row: dict) -> str:
+    """One markdown row of the speed-up table: the log-linear read or its bound, the power-law
+    check (only inside the ladder: a power law read past its points is a guess), its residuals."""
+    r, law = row["run"], row["law"]
+    if law is None:
+        resid = "n/a (< 3 points)"
+    elif law.n_points == 3:
+        resid = "exact fit (3 points, 3 parameters): no check"
+    else:
+        resid = ", ".join(f"{y - law.loss(n):+.4f}" for n, y in row["ladder"])
+    if law is not None and law.at_grid_edge:
+        resid += f"; exponent at the searched range's edge (c = {law.c:.2f}): not a real fit"
+    if row["status"] == "interpolated":
+        lin = f"{row['n_lin']:.0f} | {row['speed_lin']:.2f}x"
+    else:
+        lin = f"{row['status']} | {row['bound'] or 'n/a'}"
+    if row["n_law"] is None:
+        law_cells = "n/a | n/a"
+    elif row["law_extrapolated"]:
+        law_cells = "outside the ladder | not read"
+    else:
+        law_cells = f"{row['n_law']:.0f} | {row['speed_law']:.2f}x"
+    ladder_cell = ", ".join(f"{n}: {y:.4f}" for n, y in row["ladder"]) or "none yet"
+    return f"| {r.name} | {r.final_loss:.4f} | {ladder_cell} | {lin} | {law_cells} | {resid} |"
+
+
 def speedup_summary(sp: list[dict]) -> list[str]:
     """One line per TST length: mean ± sd when every seed's read is interpolated; else
     each seed's read or bound (a mean over the interpolated seeds alone would be biased)."""
@@ -206,29 +232,10 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
                 "to the same points (3 or more), as a check. Speed-up = baseline steps / TST steps "
                 "(= FLOPs ratio: equal FLOPs per step). A loss outside its ladder gets no number, only a "
                 "bound (the longest or shortest baseline over the TST steps): nothing is extrapolated "
-                "from the log-linear read; a power-law read outside the ladder is marked.", "",
+                "from either read.", "",
                 "| TST run | its final loss | ladder (steps: loss) | log-linear: baseline steps | speed-up "
                 "| power law: steps | speed-up | fit residuals |", "|---|---|---|---|---|---|---|---|"]
-        for row in sp:
-            r, law = row["run"], row["law"]
-            if law is None:
-                resid = "n/a (< 3 points)"
-            elif law.n_points == 3:
-                resid = "exact fit (3 points, 3 parameters): no check"
-            else:
-                resid = ", ".join(f"{y - law.loss(n):+.4f}" for n, y in row["ladder"])
-            if law is not None and law.at_grid_edge:
-                resid += f"; exponent at the searched range's edge (c = {law.c:.2f}): not a real fit"
-            if row["status"] == "interpolated":
-                lin = f"{row['n_lin']:.0f} | {row['speed_lin']:.2f}x"
-            else:
-                lin = f"{row['status']} | {row['bound'] or 'n/a'}"
-            law_mark = " (extrapolated)" if row["law_extrapolated"] else ""
-            law_cells = (f"{row['n_law']:.0f}{law_mark} | {row['speed_law']:.2f}x{law_mark}"
-                         if row["n_law"] is not None else "n/a | n/a")
-            out.append(f"| {r.name} | {r.final_loss:.4f} | "
-                       + (", ".join(f"{n}: {y:.4f}" for n, y in row["ladder"]) or "none yet")
-                       + f" | {lin} | {law_cells} | {resid} |")
+        out += [speedup_table_row(row) for row in sp]
         out += [""] + speedup_summary(sp)
     out += ablation_lines(results, clusters)
     out += run_table(results, clusters)
