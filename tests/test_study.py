@@ -108,6 +108,10 @@ def test_study_plan_priorities():
     for steps in (2400, 3300, 4800):
         assert {f"study_baseline_{steps}_seed{k}" for k in range(3)} <= set(names)
     assert {"study_tst_s6_4800_seed0", "study_tst_s6_4800_seed1"} <= set(names)
+    # the long TST run of a seed comes with the baseline that brackets it, seed by seed
+    i = names.index("study_tst_s6_4800_seed0")
+    assert names[i:i + 4] == ["study_tst_s6_4800_seed0", "study_baseline_7200_seed0",
+                              "study_tst_s6_4800_seed1", "study_baseline_7200_seed1"]
     small = [s for s in plan if s.size == "small"]
     assert sorted({s.steps for s in small}) == [300, 600, 1200] and len(small) == 18
     assert "--model.flavor" in small[0].overrides() and "study_small" in small[0].overrides()

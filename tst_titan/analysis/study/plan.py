@@ -74,7 +74,7 @@ def study_plan(seeds: int = 3, ablations: list[str] | None = None) -> list[RunSp
     """The full study, in priority order (issue 21): the 1200- and 2400-step pairs on 3
     seeds; the second size at 3 lengths (cheap, so it comes before the long runs); a
     baseline ladder (3300, 4800 steps) per seed for the interpolated equal-loss speed-up;
-    TST at 4800 steps (2 seeds) and its seeds' baselines at 7200 steps (to bracket it);
+    TST at 4800 steps (2 seeds), each followed by its seed's 7200-step baseline (to bracket it);
     the short lengths of the gap curve; the ablations."""
     ks = range(seeds)
     plan: list[RunSpec] = []
@@ -88,9 +88,10 @@ def study_plan(seeds: int = 3, ablations: list[str] | None = None) -> list[RunSp
                      RunSpec("small", "tst_s6", steps, k, 1, "small")]
     for steps in (3300, 4800):
         plan += [RunSpec("study", "baseline", steps, k, 1, "ladder") for k in ks]
-    plan += [RunSpec("study", "tst_s6", 4800, k, 2, "long") for k in range(min(2, seeds))]
-    # a TST run that beats its 4800-step baseline needs a longer one to be read on, not a bound
-    plan += [RunSpec("study", "baseline", 7200, k, 1, "ladder") for k in range(min(2, seeds))]
+    # a TST run that beats its 4800-step baseline needs a longer one to be read on, not a bound:
+    # seed by seed, so that a session cut short leaves one seed readable, not two bounds
+    for k in range(min(2, seeds)):
+        plan += [RunSpec("study", "tst_s6", 4800, k, 2, "long"), RunSpec("study", "baseline", 7200, k, 1, "ladder")]
     for steps in (150, 400):
         for k in ks:
             plan += [RunSpec("study", "baseline", steps, k, 1, "sweep"),
