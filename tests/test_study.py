@@ -16,7 +16,7 @@ from conftest import ROOT
 from tst_titan.analysis import stats
 from tst_titan.analysis.study.plan import study_plan
 from tst_titan.analysis.study.report import (BEGIN, END, build_report, speedup_rows, speedup_summary,
-                                             speedup_table_row)
+                                             speedup_table_row, total_gap_se)
 from tst_titan.analysis.study.results import RunResult, load_clusters, load_results
 
 
@@ -249,12 +249,13 @@ def test_speedup_reads_bound_what_their_ladder_does_not_bracket():
             _run("baseline", 1200, 1, 3.61), _run("baseline", 2400, 1, 3.41), _run("baseline", 3300, 1, 3.30),
             _run("tst_s6", 2400, 1, 3.355)]  # halfway (in loss) between 2400 and 3300
     rows = {r["run"].seed: r for r in speedup_rows({r.name: r for r in runs})}
-    assert rows[0]["status"] == "below the ladder" and rows[0]["bound"] == "> 1.38x" and rows[0]["n_lin"] is None
+    # 3300 / 2400 = 1.375: a lower bound rounds down, never up
+    assert rows[0]["status"] == "below the ladder" and rows[0]["bound"] == "> 1.37x" and rows[0]["n_lin"] is None
     assert rows[1]["status"] == "interpolated"
     assert rows[1]["n_lin"] == pytest.approx(math.exp((math.log(2400) + math.log(3300)) / 2))
     # one seed cut off: no mean over the other alone, each seed's read instead
     (line,) = speedup_summary(list(rows.values()))
-    assert "1 of 2 seeds interpolated" in line and "seed 0: below the ladder (> 1.38x)" in line and "±" not in line
+    assert "1 of 2 seeds interpolated" in line and "seed 0: below the ladder (> 1.37x)" in line and "±" not in line
 
 
 def test_speedup_table_never_prints_an_extrapolated_power_law_read():
@@ -267,7 +268,36 @@ def test_speedup_table_never_prints_an_extrapolated_power_law_read():
     runs += [_run("baseline", n, 1, y) for n, y in ladder.items()]
     rows = {r["run"].seed: r for r in speedup_rows({r.name: r for r in runs})}
     out, inside = speedup_table_row(rows[0]), speedup_table_row(rows[1])
-    assert rows[0]["law_extrapolated"] and "| below the ladder | > 2.00x | outside the ladder | not read |" in out
+    assert rows[0]["law_extrapolated"] and "| > 2.00x | outside the ladder | not read |" in out
+    assert "below the ladder: -0.0500 ± n/a vs 4800 steps" in out  # the margin the bound rests on
     assert "extrapolated" not in out
     want = math.exp(math.log(3300) + 0.5 * (math.log(4800) - math.log(3300)))  # halfway in loss
     assert f"| {want:.0f} | {want / 2400:.2f}x |" in inside
+
+
+def test_total_gap_se_and_when_a_speedup_is_not_told_apart_from_one():
+    gaps, heldout = [-0.01, 0.02, -0.025], 0.012
+    sd = float(np.std(gaps, ddof=1))
+    want = math.sqrt(sd**2 / 3 + heldout**2)
+    assert total_gap_se(gaps, heldout) == pytest.approx(want)
+    assert math.isnan(total_gap_se([0.1], heldout))
+    runs = [_run("baseline", 1200, 0, 3.60), _run("baseline", 2400, 0, 3.30), _run("tst_s6", 1200, 0, 3.59)]
+    sp = speedup_rows({r.name: r for r in runs})
+    gap_row = {"steps": 1200, "gaps": gaps, "total_se": want}
+    (line,) = speedup_summary(sp, {1200: gap_row})
+    z = np.mean(gaps) / want
+    assert f"not told apart from 0 (gap / total SE {z:+.1f})" in line and "from 1.00x" in line
+    (clear,) = speedup_summary(sp, {1200: {**gap_row, "gaps": [-0.1, -0.11, -0.09]}})
+    assert "told apart" not in clear
+
+
+def test_a_power_law_at_its_exponent_grid_edge_is_not_read():
+    """A ladder that is straight in log(steps) has no power-law optimum inside the searched
+    exponents: the fit ends at the grid's edge, and the table says so instead of reading it."""
+    ladder = {n: 5.0 - 0.3 * math.log(n) for n in (1200, 2400, 4800, 9600)}
+    runs = [_run("baseline", n, 0, y) for n, y in ladder.items()] + [_run("tst_s6", 2400, 0, ladder[2400] - 0.1)]
+    (row,) = speedup_rows({r.name: r for r in runs})
+    assert row["law"] is not None and row["law"].at_grid_edge and row["n_law"] is None
+    assert row["status"] == "interpolated"
+    out = speedup_table_row(row)
+    assert "| n/a | n/a |" in out and "no fit, not read" in out

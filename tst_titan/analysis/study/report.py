@@ -67,6 +67,22 @@ def window_gap_se(pairs: list[tuple[RunResult, RunResult]], clusters: np.ndarray
     return cluster_jackknife_se(np.mean(diffs, axis=0), clusters) if diffs else math.nan
 
 
+def total_gap_se(gaps: list[float], heldout_se: float) -> float:
+    """SE of a seed-mean gap from both sources: seed to seed (sd / sqrt(seeds), from that
+    length's own seeds: rough with 3) and the choice of held-out windows. NaN with 1 seed."""
+    if len(gaps) < 2:
+        return math.nan
+    return math.sqrt(mean_sd(gaps)[1] ** 2 / len(gaps) + heldout_se**2)
+
+
+def _z(gap: float, se: float) -> str:
+    """'gap / SE' and whether the gap is told apart from 0 (|z| >= 2)."""
+    if not se == se or se <= 0:
+        return "n/a"
+    z = gap / se
+    return f"{z:+.1f}" + ("" if abs(z) >= 2 else ": not told apart from 0")
+
+
 def gap_table(results: dict[str, RunResult], clusters: np.ndarray | None, size: str) -> list[dict]:
     """One row per length with both arms on at least one common seed."""
     keyed = by_key(results)
@@ -80,9 +96,10 @@ def gap_table(results: dict[str, RunResult], clusters: np.ndarray | None, size: 
             continue
         pairs = [paired_gap(tst[k], base[k], clusters) for k in seeds]
         b0 = base[seeds[0]]
+        gaps = [g for g, _ in pairs]
+        se = window_gap_se([(tst[k], base[k]) for k in seeds], clusters)
         rows.append(dict(
-            steps=steps, seeds=seeds, gaps=[g for g, _ in pairs],
-            se=window_gap_se([(tst[k], base[k]) for k in seeds], clusters),
+            steps=steps, seeds=seeds, gaps=gaps, se=se, total_se=total_gap_se(gaps, se),
             base=[base[k].final_loss for k in seeds], tst=[tst[k].final_loss for k in seeds],
             tpp=b0.data_tokens / b0.params, tpp_ne=b0.data_tokens / b0.params_non_embedding,
             tokens_m=b0.data_tokens / 1e6,
@@ -97,36 +114,54 @@ def ladder(results: dict[str, RunResult], seed: int, size: str = "study") -> tup
     return [r.steps for r in runs], [r.final_loss for r in runs]
 
 
-def speedup_rows(results: dict[str, RunResult], size: str = "study") -> list[dict]:
+def _floor2(v: float) -> float:
+    """Round a lower bound down to 2 decimals (1.375 -> 1.37: a bound never rounds up)."""
+    return math.floor(v * 100 + 1e-9) / 100
+
+
+def _ceil2(v: float) -> float:
+    return math.ceil(v * 100 - 1e-9) / 100
+
+
+def speedup_rows(results: dict[str, RunResult], clusters: np.ndarray | None = None,
+                 size: str = "study") -> list[dict]:
     """Per TST s = 6 run: the baseline steps at its final loss on the same seed's ladder
     (baselines of at least half the TST run's length), read log-linearly between the two
     lengths that bracket it and, as a check, on a power law fitted to the ladder. A loss
-    outside the ladder gets no number, only a bound ("status")."""
+    outside the ladder gets no number, only a bound ("status", rounded towards safety)
+    and its margin: TST - the ladder's end it is compared with, with the paired SE."""
     rows = []
     for r in sorted(results.values(), key=lambda r: (r.steps, r.seed)):
         if r.size != size or r.arm != "tst_s6":
             continue
-        steps, losses = ladder(results, r.seed, size)
-        near = [(n, y) for n, y in zip(steps, losses) if n >= r.steps / 2]
+        runs = {b.steps: b for b in results.values()
+                if b.size == size and b.arm == "baseline" and b.seed == r.seed and b.steps >= r.steps / 2}
+        near = sorted((n, b.final_loss) for n, b in runs.items())
         ns, ys = [n for n, _ in near], [y for _, y in near]
         row = dict(run=r, ladder=near, n_lin=None, law=None, n_law=None, law_extrapolated=False,
-                   speed_lin=None, speed_law=None, bound=None)
+                   speed_lin=None, speed_law=None, bound=None, margin=None)
         if len(near) < 2:
             row["status"] = "ladder incomplete"
             rows.append(row)
             continue
+        end = None
         if r.final_loss < min(ys):  # TST beats every baseline of the ladder: a lower bound only
-            row.update(status="below the ladder", bound=f"> {max(ns) / r.steps:.2f}x")
+            end = max(ns)
+            row.update(status="below the ladder", bound=f"> {_floor2(end / r.steps):.2f}x")
         elif r.final_loss > max(ys):
-            row.update(status="above the ladder", bound=f"< {min(ns) / r.steps:.2f}x")
+            end = min(ns)
+            row.update(status="above the ladder", bound=f"< {_ceil2(end / r.steps):.2f}x")
         else:
             n_lin, _ = loglinear_steps(ns, ys, r.final_loss)
             if n_lin is None:
                 row["status"] = "ladder not falling"
             else:
                 row.update(status="interpolated", n_lin=n_lin, speed_lin=n_lin / r.steps)
+        if end is not None:
+            row["margin"] = (end, *paired_gap(r, runs[end], clusters))
         law = fit_power_law(ns, ys)
-        n_law = law.steps_at(r.final_loss) if law else None
+        # an exponent at the searched range's edge is no optimum: its curve is not read
+        n_law = law.steps_at(r.final_loss) if law is not None and not law.at_grid_edge else None
         row.update(law=law, n_law=n_law, speed_law=None if n_law is None else n_law / r.steps,
                    law_extrapolated=n_law is not None and not min(ns) <= n_law <= max(ns))
         rows.append(row)
@@ -134,21 +169,26 @@ def speedup_rows(results: dict[str, RunResult], size: str = "study") -> list[dic
 
 
 def speedup_table_row(row: dict) -> str:
-    """One markdown row of the speed-up table: the log-linear read or its bound, the power-law
-    check (only inside the ladder: a power law read past its points is a guess), its residuals."""
+    """One markdown row of the speed-up table: the log-linear read or its bound (with the
+    margin it rests on), the power-law check (only inside the ladder: a power law read past
+    its points is a guess), its residuals."""
     r, law = row["run"], row["law"]
     if law is None:
         resid = "n/a (< 3 points)"
-    elif law.n_points == 3:
-        resid = "exact fit (3 points, 3 parameters): no check"
     else:
-        resid = ", ".join(f"{y - law.loss(n):+.4f}" for n, y in row["ladder"])
-    if law is not None and law.at_grid_edge:
-        resid += f"; exponent at the searched range's edge (c = {law.c:.2f}): not a real fit"
+        resid = ", ".join(f"{round(y - law.loss(n), 4) + 0.0:+.4f}" for n, y in row["ladder"])  # no "-0.0000"
+        if law.n_points == 3:
+            resid += " (3 points, 3 parameters: not a check)"
+        if law.at_grid_edge:
+            resid += f"; exponent at the searched range's edge (c = {law.c:.2f}): no fit, not read"
     if row["status"] == "interpolated":
         lin = f"{row['n_lin']:.0f} | {row['speed_lin']:.2f}x"
     else:
-        lin = f"{row['status']} | {row['bound'] or 'n/a'}"
+        status = row["status"]
+        if row["margin"] is not None:
+            end, g, se = row["margin"]
+            status += f": {g:+.4f} ± {fmt(se)} vs {end} steps"
+        lin = f"{status} | {row['bound'] or 'n/a'}"
     if row["n_law"] is None:
         law_cells = "n/a | n/a"
     elif row["law_extrapolated"]:
@@ -159,21 +199,29 @@ def speedup_table_row(row: dict) -> str:
     return f"| {r.name} | {r.final_loss:.4f} | {ladder_cell} | {lin} | {law_cells} | {resid} |"
 
 
-def speedup_summary(sp: list[dict]) -> list[str]:
+def speedup_summary(sp: list[dict], gaps: dict[int, dict] | None = None) -> list[str]:
     """One line per TST length: mean ± sd when every seed's read is interpolated; else
-    each seed's read or bound (a mean over the interpolated seeds alone would be biased)."""
+    each seed's read or bound (a mean over the interpolated seeds alone would be biased).
+    With the gap table's rows (``gaps``: steps -> row), a length whose equal-length gap is
+    not told apart from 0 says that its speed-up is not told apart from 1.00x either."""
     lines = []
     for steps in sorted({row["run"].steps for row in sp}):
         rows = [row for row in sp if row["run"].steps == steps]
         good = [row["speed_lin"] for row in rows if row["status"] == "interpolated"]
         if good and len(good) == len(rows):
-            lines.append(f"- TST at {steps} steps: equal-loss speed-up {spread(good, '.2f', 'x')} "
-                         "(log-linear, interpolated).")
-            continue
-        per_seed = [f"seed {row['run'].seed}: " + (f"{row['speed_lin']:.2f}x" if row["status"] == "interpolated"
-                    else row["status"] + (f" ({row['bound']})" if row["bound"] else "")) for row in rows]
-        lines.append(f"- TST at {steps} steps: {len(good)} of {len(rows)} seeds interpolated; "
-                     + "; ".join(per_seed) + ".")
+            line = (f"- TST at {steps} steps: equal-loss speed-up {spread(good, '.2f', 'x')} "
+                    "(log-linear, interpolated)")
+        else:
+            per_seed = [f"seed {row['run'].seed}: " + (f"{row['speed_lin']:.2f}x" if row["status"] == "interpolated"
+                        else row["status"] + (f" ({row['bound']})" if row["bound"] else "")) for row in rows]
+            line = f"- TST at {steps} steps: {len(good)} of {len(rows)} seeds interpolated; " + "; ".join(per_seed)
+        g = (gaps or {}).get(steps)
+        if g is not None and g["total_se"] == g["total_se"]:
+            z = mean_sd(g["gaps"])[0] / g["total_se"]
+            if abs(z) < 2:
+                line += (f"; the equal-length gap is not told apart from 0 (gap / total SE {z:+.1f}), "
+                         "so neither is the speed-up from 1.00x")
+        lines.append(line + ".")
     return lines
 
 
@@ -217,26 +265,29 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
         out += ["", f"### Equal-FLOPs gap against length: `{r0.raw['flavor']}` ({r0.params:,} parameters, "
                 f"{r0.params_non_embedding:,} non-embedding)", "",
                 "| steps | baseline tokens / param (total, non-emb.) | baseline loss | TST s=6 loss "
-                "| gap TST − baseline (± sd over seeds) | held-out SE of the mean gap |", "|---|---|---|---|---|---|"]
+                "| gap TST − baseline (± sd over seeds) | held-out SE of the mean gap "
+                "| total SE (seeds and held-out) | gap / total SE |", "|---|---|---|---|---|---|---|---|"]
         for row in rows:
             out.append(f"| {row['steps']} | {row['tpp']:.2f}, {row['tpp_ne']:.2f} | {spread(row['base'], '.4f')} "
-                       f"| {spread(row['tst'], '.4f')} | {spread(row['gaps'])} | {fmt(row['se'])} |")
+                       f"| {spread(row['tst'], '.4f')} | {spread(row['gaps'])} | {fmt(row['se'])} "
+                       f"| {fmt(row['total_se'])} | {_z(mean_sd(row['gaps'])[0], row['total_se'])} |")
         out += crossover_lines(rows)
-    sp = speedup_rows(results)
+    sp = speedup_rows(results, clusters)
     if sp:
         out += ["", "### Equal-loss speed-up, interpolated on annealed baselines", "",
                 "Each TST run's final loss is read on its own seed's baseline ladder (every baseline of "
                 "at least half the TST run's length, each trained and annealed for its own length). "
                 "Log-linear: piecewise linear in log(steps) between the two lengths that bracket the loss "
-                "(the primary read: local, no model of the curve). Power law: L(n) = a + b n^-c fitted "
-                "to the same points (3 or more), as a check. Speed-up = baseline steps / TST steps "
+                "(the primary read: local; it assumes a straight line in log(steps) between them, so where "
+                "the ladder bends, convex in log(steps) as here, it overstates the baseline steps a little). Power law: L(n) = a + b n^-c fitted "
+                "to the same points (3 or more), as a check (with 3 points it has no freedom left: its residuals are no check). Speed-up = baseline steps / TST steps "
                 "(= FLOPs ratio: equal FLOPs per step). A loss outside its ladder gets no number, only a "
-                "bound (the longest or shortest baseline over the TST steps): nothing is extrapolated "
-                "from either read.", "",
+                "bound (the longest or shortest baseline over the TST steps, rounded towards safety; beside it "
+                "TST − that baseline ± its paired held-out SE): nothing is extrapolated from either read.", "",
                 "| TST run | its final loss | ladder (steps: loss) | log-linear: baseline steps | speed-up "
                 "| power law: steps | speed-up | fit residuals |", "|---|---|---|---|---|---|---|---|"]
         out += [speedup_table_row(row) for row in sp]
-        out += [""] + speedup_summary(sp)
+        out += [""] + speedup_summary(sp, {g["steps"]: g for g in gap_table(results, clusters, "study")})
     out += ablation_lines(results, clusters)
     out += run_table(results, clusters)
     out += ["", "Figures: `docs/img/study_gap.png` (gap against tokens per non-embedding parameter, both "
@@ -284,7 +335,9 @@ def crossover_lines(rows: list[dict]) -> list[str]:
     if c is not None and c.df:
         note = (f"- The interval simulates the mean gap at each length from the seed sd pooled over lengths "
                 f"({c.seed_sd:.4f}, {c.df} degrees of freedom, over the root of that length's seeds) plus its "
-                "held-out SE, and reads each draw on the same straight lines in log tokens")
+                "held-out SE, and reads each draw on the same straight lines in log tokens: it is conditional on the gap "
+                "being straight in log tokens between the measured lengths, and it draws the held-out errors of "
+                "different lengths independently, though they are measured on the same windows")
         if any(len(r["gaps"]) == 1 for r in rows):
             note += "; a length with 1 seed borrows the pooled sd"
         sds = [mean_sd(r["gaps"])[1] for r in rows if len(r["gaps"]) > 1]
@@ -305,8 +358,11 @@ def ablation_lines(results: dict[str, RunResult], clusters: np.ndarray | None) -
     if not abl:
         return []
     keyed = by_key(results)
-    lines = ["", "### Ablations (1200 steps, seed 0)", "", "| run | final loss | − baseline (same seed), paired SE "
-             "| − TST s=6 (same seed), paired SE | − TST s=6 in seed sds |", "|---|---|---|---|---|"]
+    lines = ["", "### Ablations (1200 steps, seed 0: one run each)", "",
+             "In seed sds: the difference over the sd across seeds of a paired TST s=6 − baseline gap at the "
+             "same length, the noise one seed carries (the paired SE is the held-out part only).", "",
+             "| run | final loss | − baseline (same seed), paired SE | − TST s=6 (same seed), paired SE "
+             "| in seed sds: − baseline, − TST s=6 |", "|---|---|---|---|---|"]
     for r in sorted(abl, key=lambda r: r.name):
         base = keyed.get(("study", "baseline", r.steps), {})
         tst = keyed.get(("study", "tst_s6", r.steps), {})
@@ -319,9 +375,9 @@ def ablation_lines(results: dict[str, RunResult], clusters: np.ndarray | None) -
             else:
                 g, se = paired_gap(r, other, clusters)
                 cells.append(f"{g:+.4f} ± {fmt(se)}")
-        t = tst.get(r.seed)
-        units = (f"{(r.final_loss - t.final_loss) / sd:+.1f} (sd {sd:.4f}, {len(gaps)} seeds)"
-                 if t is not None and sd == sd else "n/a (needs 2 seeds of the pair)")
+        units = ", ".join("n/a" if o is None else f"{(r.final_loss - o.final_loss) / sd:+.1f}"
+                          for o in (base.get(r.seed), tst.get(r.seed)))
+        units = f"{units} (sd {sd:.4f}, {len(gaps)} seeds)" if sd == sd else "n/a (needs 2 seeds of the pair)"
         lines.append(f"| {r.name} | {r.final_loss:.4f} | {cells[0]} | {cells[1]} | {units} |")
     return lines
 
@@ -417,7 +473,7 @@ def write_plots(results: dict[str, RunResult], clusters: np.ndarray | None, out_
             ax.plot(steps, losses, "o", color=f"C{k}", label=f"baselines, seed {k}")
             fit = [(n, y) for n, y in pts if n >= 1200]  # the ladder the 2400-step TST runs are read on
             law = fit_power_law([n for n, _ in fit], [y for _, y in fit])
-            if law is not None:
+            if law is not None and not law.at_grid_edge:
                 grid = np.geomspace(min(n for n, _ in fit), max(steps), 100)
                 ax.plot(grid, law.loss(grid), "-", color=f"C{k}", alpha=0.5)
         for row in sp:
