@@ -147,6 +147,17 @@ def test_smoke_study_runs_resumes_and_reports(tmp_path):
     assert again.returncode == 0 and again.stdout.count("done earlier, kept") == 7
     assert report.read_text() == text  # the same raw results give the same report
 
+    # a finished run rerun from scratch is the committed result, bit for bit; a doctored one is not
+    rep = cmd[:3] + cmd[5:] + ["--reproduce", "study_tst_s6_8_seed0"]
+    same = subprocess.run(rep, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert same.returncode == 0 and "study_tst_s6_8_seed0: identical to the committed result" in same.stdout, \
+        same.stdout[-2000:] + same.stderr[-2000:]
+    doctored = json.loads((res / "study_tst_s6_8_seed0.json").read_text())
+    doctored["final_sequence_losses"][3] += 1e-5
+    (res / "study_tst_s6_8_seed0.json").write_text(json.dumps(doctored))
+    differs = subprocess.run(rep, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert differs.returncode == 1 and "DIFFERS" in differs.stdout and "final_sequence_losses" in differs.stdout
+
     # compare_runs on a finished pair of the study (its run folders)
     base_dir, tst_dir = work / "runs" / "study_baseline_8_seed0", work / "runs" / "study_tst_s6_8_seed0"
     cmp = subprocess.run([sys.executable, "scripts/compare_runs.py", str(base_dir), str(tst_dir),

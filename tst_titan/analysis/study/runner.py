@@ -131,6 +131,22 @@ def execute(spec: RunSpec, s: StudySettings) -> dict[str, Any]:
     return collect(spec, dump, cmd, attempts, s)
 
 
+# where and when a run ran, not what it measured: a rerun may change these
+RUN_CIRCUMSTANCES = ("commit", "machine", "date", "jobs", "threads", "wall", "attempts")
+
+
+def reproduce(spec: RunSpec, s: StudySettings, committed: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Rerun a finished run from scratch in ``s.work`` (a scratch folder, never the
+    study's) and return (its raw result, the measured fields that differ from
+    ``committed``): the check that the runs of a study made at different commits trained
+    the same way. On one machine and thread count CPU training is deterministic, so any
+    difference at all is a change of the training path."""
+    shutil.rmtree(s.work / "runs" / spec.name, ignore_errors=True)
+    got = execute(spec, s)
+    keys = sorted((set(committed) | set(got)) - set(RUN_CIRCUMSTANCES))
+    return got, [k for k in keys if committed.get(k) != got.get(k)]
+
+
 def run_config(spec: RunSpec, s: StudySettings):
     """The run's torchtitan config: its study config plus its overrides."""
     return parse_config(["--job.config_file", str(s.cwd / spec.config)] + spec.overrides())
