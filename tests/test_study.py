@@ -15,7 +15,8 @@ import pytest
 from conftest import ROOT
 from tst_titan.analysis import stats
 from tst_titan.analysis.study.plan import study_plan
-from tst_titan.analysis.study.report import (BEGIN, END, build_report, speedup_rows, speedup_summary,
+from tst_titan.analysis.study.report import (BEGIN, END, build_report, pooled_speedup_lines, pooled_speedup_rows,
+                                             speedup_rows, speedup_summary,
                                              speedup_table_row, total_gap_se)
 from tst_titan.analysis.study.results import RunResult, load_clusters, load_results
 
@@ -312,3 +313,23 @@ def test_a_power_law_at_its_exponent_grid_edge_is_not_read():
     assert row["status"] == "interpolated"
     out = speedup_table_row(row)
     assert "| n/a | n/a |" in out and "no fit, not read" in out
+
+
+def test_seed_mean_ladder_read_against_a_hand_computation():
+    """Two seeds with noisy ladders: the mean TST loss is read between the mean ladder's
+    two bracketing lengths (log-linear), and the power law is fitted to all 8 baselines."""
+    noise = {0: +0.03, 1: -0.03}
+    clean = {n: 2.5 + 40.0 * n ** -0.5 for n in (1200, 2400, 3300, 4800)}
+    runs = [_run("baseline", n, k, y + noise[k] * (1 if n in (2400, 4800) else -1)) for n, y in clean.items() for k in (0, 1)]
+    runs += [_run("tst_s6", 2400, 0, 3.09), _run("tst_s6", 2400, 1, 3.11), _run("tst_s6", 1200, 0, 3.7)]
+    (row,) = pooled_speedup_rows({r.name: r for r in runs})  # the 1200-step TST length has 1 seed: no row
+    assert row["steps"] == 2400 and row["seeds"] == [0, 1] and row["target"] == pytest.approx(3.10)
+    ys = dict(row["ladder"])
+    assert ys == pytest.approx(clean)  # the seeds' noise cancels in the mean
+    t = (clean[3300] - 3.10) / (clean[3300] - clean[4800])
+    want = math.exp(math.log(3300) + t * math.log(4800 / 3300))
+    assert row["status"] == "interpolated" and row["n_lin"] == pytest.approx(want)
+    assert row["law_points"] == 8 and row["law_rms"] == pytest.approx(0.03, abs=2e-3)
+    assert row["law"].c == pytest.approx(0.5, abs=0.01) and row["n_law"] == pytest.approx(((3.10 - 2.5) / 40) ** -2, rel=0.05)
+    table = "\n".join(pooled_speedup_lines([row]))
+    assert f"| 2400 | 0, 1 | 3.1000 |" in table and f"| {want:.0f} | {want / 2400:.2f}x |" in table

@@ -168,6 +168,75 @@ def speedup_rows(results: dict[str, RunResult], clusters: np.ndarray | None = No
     return rows
 
 
+def pooled_speedup_rows(results: dict[str, RunResult], size: str = "study") -> list[dict]:
+    """Per TST s = 6 length with 2 or more seeds: the seed-mean final loss read on the
+    seed-mean ladder (the lengths >= half the TST run's where every one of those seeds has
+    its baseline), log-linearly, and on one power law fitted to all of those baselines
+    together (more points than parameters: its residuals are a check). One seed's ladder
+    carries that seed's data order at every length; averaging seeds first reads the TST
+    loss on a smoother ladder than any one seed's."""
+    keyed = by_key(results)
+    rows = []
+    for (sz, arm, steps), tst in sorted(keyed.items(), key=lambda kv: kv[0][2]):
+        if sz != size or arm != "tst_s6" or len(tst) < 2:
+            continue
+        seeds = sorted(tst)
+        lengths = sorted(n for (z, a, n), base in keyed.items()
+                         if z == size and a == "baseline" and n >= steps / 2 and set(seeds) <= set(base))
+        target = float(np.mean([tst[k].final_loss for k in seeds]))
+        ys = [float(np.mean([keyed[(size, "baseline", n)][k].final_loss for k in seeds])) for n in lengths]
+        row = dict(steps=steps, seeds=seeds, target=target, ladder=list(zip(lengths, ys)), n_lin=None,
+                   bound=None, n_law=None, law=None, status="ladder incomplete")
+        if len(lengths) >= 2:
+            if target < min(ys):
+                row.update(status="below the ladder", bound=f"> {_floor2(max(lengths) / steps):.2f}x")
+            elif target > max(ys):
+                row.update(status="above the ladder", bound=f"< {_ceil2(min(lengths) / steps):.2f}x")
+            else:
+                n_lin, _ = loglinear_steps(lengths, ys, target)
+                row.update(status="interpolated" if n_lin else "ladder not falling", n_lin=n_lin)
+        pts = [(n, keyed[(size, "baseline", n)][k].final_loss) for n in lengths for k in seeds]
+        law = fit_power_law([n for n, _ in pts], [y for _, y in pts]) if len(lengths) >= 3 else None
+        if law is not None:
+            n_law = law.steps_at(target) if not law.at_grid_edge else None
+            inside = n_law is not None and min(lengths) <= n_law <= max(lengths)
+            rms = float(np.sqrt(np.mean([(y - law.loss(n)) ** 2 for n, y in pts])))
+            row.update(law=law, n_law=n_law if inside else None, law_outside=n_law is not None and not inside,
+                       law_rms=rms, law_points=len(pts))
+        rows.append(row)
+    return rows
+
+
+def pooled_speedup_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    out = ["", "On the seed-mean ladder (the mean TST loss of a length read on the mean of the same seeds' "
+           "baselines; the power law fitted to all of those baselines at once):", "",
+           "| TST steps | seeds | mean TST loss | mean ladder (steps: loss) | log-linear: baseline steps | speed-up "
+           "| power law (all seeds' baselines): steps | speed-up | its residuals (rms, points) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ladder = ", ".join(f"{n}: {y:.4f}" for n, y in row["ladder"]) or "none yet"
+        if row["status"] == "interpolated":
+            lin = f"{row['n_lin']:.0f} | {row['n_lin'] / row['steps']:.2f}x"
+        else:
+            lin = f"{row['status']} | {row['bound'] or 'n/a'}"
+        law = row["law"]
+        if law is None:
+            law_cells, resid = "n/a | n/a", "n/a (< 3 lengths)"
+        else:
+            if law.at_grid_edge:
+                law_cells = f"no fit (c = {law.c:.2f}, the searched range's edge) | n/a"
+            elif row["n_law"] is not None:
+                law_cells = f"{row['n_law']:.0f} | {row['n_law'] / row['steps']:.2f}x"
+            else:
+                law_cells = ("outside the ladder | not read" if row.get("law_outside") else "n/a | n/a")
+            resid = f"{row['law_rms']:.4f} ({row['law_points']} points, 3 parameters)"
+        out.append(f"| {row['steps']} | {', '.join(map(str, row['seeds']))} | {row['target']:.4f} | {ladder} "
+                   f"| {lin} | {law_cells} | {resid} |")
+    return out
+
+
 def speedup_table_row(row: dict) -> str:
     """One markdown row of the speed-up table: the log-linear read or its bound (with the
     margin it rests on), the power-law check (only inside the ladder: a power law read past
@@ -279,8 +348,9 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
                 "at least half the TST run's length, each trained and annealed for its own length). "
                 "Log-linear: piecewise linear in log(steps) between the two lengths that bracket the loss "
                 "(the primary read: local; it assumes a straight line in log(steps) between them, so where "
-                "the ladder bends, convex in log(steps) as here, it overstates the baseline steps a little). Power law: L(n) = a + b n^-c fitted "
-                "to the same points (3 or more), as a check (with 3 points it has no freedom left: its residuals are no check). Speed-up = baseline steps / TST steps "
+                "the ladder bends it misreads by the bend: too many baseline steps where it is convex in log(steps), "
+                "a power law's shape, too few where it is concave). Power law: L(n) = a + b n^-c fitted "
+                "to the same points (3 or more), as a check (with 3 points it has no freedom left: its residuals are no check; a best exponent at the edge of the searched range, 0.05 to 2, means no power law fits: the ladder is straight or concave in log(steps) there, and it is not read). Speed-up = baseline steps / TST steps "
                 "(= FLOPs ratio: equal FLOPs per step). A loss outside its ladder gets no number, only a "
                 "bound (the longest or shortest baseline over the TST steps, rounded towards safety; beside it "
                 "TST − that baseline ± its paired held-out SE): nothing is extrapolated from either read.", "",
@@ -288,6 +358,7 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
                 "| power law: steps | speed-up | fit residuals |", "|---|---|---|---|---|---|---|---|"]
         out += [speedup_table_row(row) for row in sp]
         out += [""] + speedup_summary(sp, {g["steps"]: g for g in gap_table(results, clusters, "study")})
+        out += pooled_speedup_lines(pooled_speedup_rows(results))
     out += ablation_lines(results, clusters)
     out += run_table(results, clusters)
     out += ["", "Figures: `docs/img/study_gap.png` (gap against tokens per non-embedding parameter, both "
