@@ -333,3 +333,13 @@ def test_seed_mean_ladder_read_against_a_hand_computation():
     assert row["law"].c == pytest.approx(0.5, abs=0.01) and row["n_law"] == pytest.approx(((3.10 - 2.5) / 40) ** -2, rel=0.05)
     table = "\n".join(pooled_speedup_lines([row]))
     assert f"| 2400 | 0, 1 | 3.1000 |" in table and f"| {want:.0f} | {want / 2400:.2f}x |" in table
+
+
+def test_t_interval_against_a_hand_computation():
+    vals = [1.57, 1.39, 1.30]
+    m, sd = float(np.mean(vals)), float(np.std(vals, ddof=1))
+    lo, hi = stats.t_interval(vals)
+    assert (lo, hi) == pytest.approx((m - 4.303 * sd / math.sqrt(3), m + 4.303 * sd / math.sqrt(3)))
+    assert all(math.isnan(v) for v in stats.t_interval([1.4]))
+    # 12 values (11 df, not in the table): the 10-df quantile, a little wide
+    assert stats.t_interval([0.0, 1.0] * 6)[1] == pytest.approx(0.5 + 2.228 * np.std([0.0, 1.0] * 6, ddof=1) / math.sqrt(12))

@@ -7,7 +7,8 @@
 - :func:`cluster_jackknife_se`: the delete-one-cluster jackknife of the same mean, the
   one the report uses (less optimistic with clusters of very unequal size);
   :func:`effective_clusters` says how unequal they are.
-- :func:`mean_sd`: mean and sample standard deviation over seeds.
+- :func:`mean_sd`: mean and sample standard deviation over seeds; :func:`t_interval`:
+  the 95% Student-t interval of their mean.
 - :func:`loglinear_steps` / :func:`fit_power_law`: the baseline ladder's final loss
   against its length, read at a target loss (the equal-loss speed-up).
 - :func:`crossover`: where an equal-FLOPs gap changes sign against log tokens per
@@ -68,6 +69,22 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """(mean, sample sd); sd is NaN for a single value."""
     x = np.asarray(values, dtype=np.float64)
     return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else math.nan
+
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (a handful of seeds)
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float]:
+    """95% Student-t interval of the mean of ``values`` (seeds); NaNs with one value."""
+    m, sd = mean_sd(values)
+    df = len(values) - 1
+    if df < 1:
+        return math.nan, math.nan
+    t = _T975.get(df) or _T975[max(k for k in _T975 if k <= df)]  # a few more df: slightly wide
+    half = t * sd / math.sqrt(len(values))
+    return m - half, m + half
 
 
 def loglinear_steps(steps: Sequence[float], losses: Sequence[float], target: float) -> tuple[float | None, bool]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from tst_titan.analysis.fmt import format_number
 from tst_titan.analysis.stats import (cluster_jackknife_se, crossover, effective_clusters, fit_power_law,
-                                      loglinear_steps, mean_sd)
+                                      loglinear_steps, mean_sd, t_interval)
 from tst_titan.analysis.study.plan import RunSpec
 from tst_titan.analysis.study.results import RunResult
 
@@ -280,6 +280,9 @@ def speedup_summary(sp: list[dict], gaps: dict[int, dict] | None = None) -> list
         if good and len(good) == len(rows):
             line = (f"- TST at {steps} steps: equal-loss speed-up {spread(good, '.2f', 'x')} "
                     "(log-linear, interpolated)")
+            if len(good) > 1:
+                lo, hi = t_interval(good)
+                line += f"; 95% interval of the mean {lo:.2f}x to {hi:.2f}x (Student t, {len(good) - 1} df)"
         else:
             per_seed = [f"seed {row['run'].seed}: " + (f"{row['speed_lin']:.2f}x" if row["status"] == "interpolated"
                         else row["status"] + (f" ({row['bound']})" if row["bound"] else "")) for row in rows]
