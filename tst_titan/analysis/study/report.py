@@ -123,6 +123,18 @@ def _ceil2(v: float) -> float:
     return math.ceil(v * 100 - 1e-9) / 100
 
 
+def read_on_ladder(ns: list[int], ys: list[float], target: float, steps: int) -> dict:
+    """A loss read on a ladder (2+ lengths): interpolated log-linearly (``n_lin``), or, outside
+    it, a bound on the speed-up rounded towards safety and the ladder's ``end`` it rests on."""
+    if target < min(ys):  # TST beats every baseline of the ladder: a lower bound only
+        return dict(status="below the ladder", bound=f"> {_floor2(max(ns) / steps):.2f}x", n_lin=None, end=max(ns))
+    if target > max(ys):
+        return dict(status="above the ladder", bound=f"< {_ceil2(min(ns) / steps):.2f}x", n_lin=None, end=min(ns))
+    n_lin, _ = loglinear_steps(ns, ys, target)
+    return dict(status="interpolated" if n_lin is not None else "ladder not falling", bound=None, n_lin=n_lin,
+                end=None)
+
+
 def speedup_rows(results: dict[str, RunResult], clusters: np.ndarray | None = None,
                  size: str = "study") -> list[dict]:
     """Per TST s = 6 run: the baseline steps at its final loss on the same seed's ladder
@@ -144,19 +156,9 @@ def speedup_rows(results: dict[str, RunResult], clusters: np.ndarray | None = No
             row["status"] = "ladder incomplete"
             rows.append(row)
             continue
-        end = None
-        if r.final_loss < min(ys):  # TST beats every baseline of the ladder: a lower bound only
-            end = max(ns)
-            row.update(status="below the ladder", bound=f"> {_floor2(end / r.steps):.2f}x")
-        elif r.final_loss > max(ys):
-            end = min(ns)
-            row.update(status="above the ladder", bound=f"< {_ceil2(end / r.steps):.2f}x")
-        else:
-            n_lin, _ = loglinear_steps(ns, ys, r.final_loss)
-            if n_lin is None:
-                row["status"] = "ladder not falling"
-            else:
-                row.update(status="interpolated", n_lin=n_lin, speed_lin=n_lin / r.steps)
+        read = read_on_ladder(ns, ys, r.final_loss, r.steps)
+        end = read.pop("end")
+        row.update(read, speed_lin=None if read["n_lin"] is None else read["n_lin"] / r.steps)
         if end is not None:
             row["margin"] = (end, *paired_gap(r, runs[end], clusters))
         law = fit_power_law(ns, ys)
@@ -188,13 +190,9 @@ def pooled_speedup_rows(results: dict[str, RunResult], size: str = "study") -> l
         row = dict(steps=steps, seeds=seeds, target=target, ladder=list(zip(lengths, ys)), n_lin=None,
                    bound=None, n_law=None, law=None, status="ladder incomplete")
         if len(lengths) >= 2:
-            if target < min(ys):
-                row.update(status="below the ladder", bound=f"> {_floor2(max(lengths) / steps):.2f}x")
-            elif target > max(ys):
-                row.update(status="above the ladder", bound=f"< {_ceil2(min(lengths) / steps):.2f}x")
-            else:
-                n_lin, _ = loglinear_steps(lengths, ys, target)
-                row.update(status="interpolated" if n_lin else "ladder not falling", n_lin=n_lin)
+            read = read_on_ladder(lengths, ys, target, steps)
+            read.pop("end")
+            row.update(read)
         pts = [(n, keyed[(size, "baseline", n)][k].final_loss) for n in lengths for k in seeds]
         law = fit_power_law([n for n, _ in pts], [y for _, y in pts]) if len(lengths) >= 3 else None
         if law is not None:
