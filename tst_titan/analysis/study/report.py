@@ -75,12 +75,17 @@ def total_gap_se(gaps: list[float], heldout_se: float) -> float:
     return math.sqrt(mean_sd(gaps)[1] ** 2 / len(gaps) + heldout_se**2)
 
 
-def _z(gap: float, se: float) -> str:
-    """'gap / SE' and whether the gap is told apart from 0 (|z| >= 2)."""
-    if not se == se or se <= 0:
-        return "n/a"
-    z = gap / se
-    return f"{z:+.1f}" + ("" if abs(z) >= 2 else ": not told apart from 0")
+def gap_z(row: dict) -> float:
+    """A gap-table row's mean gap over its total SE; NaN without one (1 seed). Below 2 in
+    size the gap is not told apart from 0."""
+    se = row["total_se"]
+    return mean_sd(row["gaps"])[0] / se if se == se and se > 0 else math.nan
+
+
+def _z(row: dict) -> str:
+    """'gap / SE' and whether the gap is told apart from 0."""
+    z = gap_z(row)
+    return "n/a" if z != z else f"{z:+.1f}" + ("" if abs(z) >= 2 else ": not told apart from 0")
 
 
 def gap_table(results: dict[str, RunResult], clusters: np.ndarray | None, size: str) -> list[dict]:
@@ -286,11 +291,10 @@ def speedup_summary(sp: list[dict], gaps: dict[int, dict] | None = None) -> list
                         else row["status"] + (f" ({row['bound']})" if row["bound"] else "")) for row in rows]
             line = f"- TST at {steps} steps: {len(good)} of {len(rows)} seeds interpolated; " + "; ".join(per_seed)
         g = (gaps or {}).get(steps)
-        if g is not None and g["total_se"] == g["total_se"]:
-            z = mean_sd(g["gaps"])[0] / g["total_se"]
-            if abs(z) < 2:
-                line += (f"; the equal-length gap is not told apart from 0 (gap / total SE {z:+.1f}), "
-                         "so neither is the speed-up from 1.00x")
+        z = gap_z(g) if g is not None else math.nan
+        if abs(z) < 2:  # False for NaN
+            line += (f"; the equal-length gap is not told apart from 0 (gap / total SE {z:+.1f}), "
+                     "so neither is the speed-up from 1.00x")
         lines.append(line + ".")
     return lines
 
@@ -327,8 +331,8 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
     out.append(f"- Finished: {len(results)} of {len(plan)} planned runs."
                + (f" Not yet run: {len(missing)} (continue with `python scripts/bench_quality.py --jobs 2`)."
                   if missing else ""))
-    for size in ("study", "small"):
-        rows = gap_table(results, clusters, size)
+    gap_rows = {size: gap_table(results, clusters, size) for size in ("study", "small")}
+    for size, rows in gap_rows.items():
         if not rows:
             continue
         r0 = next(r for r in results.values() if r.size == size)
@@ -340,7 +344,7 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
         for row in rows:
             out.append(f"| {row['steps']} | {row['tpp']:.2f}, {row['tpp_ne']:.2f} | {spread(row['base'], '.4f')} "
                        f"| {spread(row['tst'], '.4f')} | {spread(row['gaps'])} | {fmt(row['se'])} "
-                       f"| {fmt(row['total_se'])} | {_z(mean_sd(row['gaps'])[0], row['total_se'])} |")
+                       f"| {fmt(row['total_se'])} | {_z(row)} |")
         out += crossover_lines(rows)
     sp = speedup_rows(results, clusters)
     if sp:
@@ -358,7 +362,7 @@ def build_report(results: dict[str, RunResult], clusters: np.ndarray | None, pla
                 "| TST run | its final loss | ladder (steps: loss) | log-linear: baseline steps | speed-up "
                 "| power law: steps | speed-up | fit residuals |", "|---|---|---|---|---|---|---|---|"]
         out += [speedup_table_row(row) for row in sp]
-        out += [""] + speedup_summary(sp, {g["steps"]: g for g in gap_table(results, clusters, "study")})
+        out += [""] + speedup_summary(sp, {g["steps"]: g for g in gap_rows["study"]})
         out += pooled_speedup_lines(pooled_speedup_rows(results))
     out += ablation_lines(results, clusters)
     out += run_table(results, clusters)
